@@ -1,0 +1,26 @@
+# Every target installs what it needs: on a fresh clone `make test` is the only command to run.
+VENV   ?= .venv
+PYTHON ?= python3
+STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: install test perf lint clean-cache
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+perf: $(STAMP)
+	$(VENV)/bin/python perf/projector_speed.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check benchmark methods datasets tests perf
+
+clean-cache:
+	rm -rf $${MARBENCH_CACHE:-$$HOME/.cache/marbench}/projectors

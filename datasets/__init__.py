@@ -1,0 +1,1 @@
+"""Datamodules and the synthetic benchmark generator (``marbench.datasets``)."""

@@ -1,0 +1,1 @@
+"""MAR methods (``marbench.methods``): one module or subpackage per method."""
