@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +21,9 @@ import torch.nn.functional as F
 
 from .geometry import Geometry
 from .joseph import matrix_entries, sample_grid
+from .sparse_cache import CachedCSRPair, QuarterTurnOperator
 
-__all__ = ["RaySamplingBackend", "SparseMatrixBackend", "default_cache_dir"]
+__all__ = ["RaySamplingBackend", "SparseMatrixBackend", "default_cache_dir", "quarter_turn_operator"]
 
 _MATRIX_FORMAT_VERSION = "joseph-csr-v1"
 
@@ -97,13 +95,46 @@ class RaySamplingBackend:
         return result
 
 
+def operator_cache_path(geometry: Geometry, tag: str, cache_dir: str | os.PathLike | None) -> Path:
+    """Cache folder of one operator of ``geometry``: ``<cache_dir>/<geometry hash>-<tag>[-quarter]``."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "projectors"
+    return root / f"{geometry.hash}-{tag}{'-quarter' if geometry.has_quarter_turn_symmetry() else ''}"
+
+
+def quarter_turn_operator(geometry: Geometry, tag: str, entries, cache_dir, device) -> QuarterTurnOperator:
+    """Build (or load) the cached CSR operator whose rows for a slice of views are given by ``entries``.
+
+    ``entries(geometry, views) -> (ray, pixel, weight)`` returns COO entries with rays numbered from the first
+    view of ``views``.
+    """
+    import scipy.sparse as sp
+
+    g = geometry
+    turns = 4 if g.has_quarter_turn_symmetry() else 1
+    stored = g.n_views // turns
+    shape = (stored * g.n_channels, g.image_size**2)
+
+    def build():
+        blocks = []
+        per_chunk = max(1, 2**24 // (g.n_channels * g.image_size))
+        for start in range(0, stored, per_chunk):
+            views = slice(start, min(start + per_chunk, stored))
+            ray, pix, w = entries(g, views)
+            rows = (views.stop - views.start) * g.n_channels
+            blocks.append(sp.csr_matrix((w.astype(np.float32), (ray, pix)), shape=(rows, shape[1])))
+        return sp.vstack(blocks, format="csr")
+
+    pair = CachedCSRPair(operator_cache_path(g, tag, cache_dir), shape, build, torch.device(device))
+    return QuarterTurnOperator(pair, g.image_size, g.n_views, g.n_channels, turns)
+
+
 class SparseMatrixBackend:
     """Precomputed CSR system matrix (and its transpose) of the Joseph projector.
 
     Args:
         geometry: the scanner geometry.
-        cache_dir: folder for the on-disk cache (default ``default_cache_dir()/projectors``); ``None`` entries
-            are built once per geometry hash and reused, memory-mapped, by later processes.
+        cache_dir: folder for the on-disk cache (default ``default_cache_dir()/projectors``); matrices are built
+            once per geometry hash and reused, memory-mapped, by later processes.
         device: where the matrices live (CUDA uses cuSPARSE).
 
     Raises:
@@ -115,101 +146,19 @@ class SparseMatrixBackend:
     def __init__(self, geometry: Geometry, cache_dir: str | os.PathLike | None = None,
                  device: torch.device | str = "cpu"):
         self.geometry = geometry
-        self.symmetric = geometry.has_quarter_turn_symmetry()
-        self.stored_views = geometry.n_views // 4 if self.symmetric else geometry.n_views
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "projectors"
-        self.path = root / f"{geometry.hash}-{_MATRIX_FORMAT_VERSION}{'-quarter' if self.symmetric else ''}"
-        self.device = torch.device(device)
-        self._arrays = self._load_or_build()
-        self._matrices: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.operator = quarter_turn_operator(geometry, _MATRIX_FORMAT_VERSION, matrix_entries, cache_dir, device)
 
-    # -- construction and cache -------------------------------------------------------------------------
-    def _build(self) -> dict[str, np.ndarray]:
-        import scipy.sparse as sp
-
-        g = self.geometry
-        n_pix = g.image_size ** 2
-        blocks = []
-        views_per_chunk = max(1, 2**24 // (g.n_channels * g.image_size))
-        for start in range(0, self.stored_views, views_per_chunk):
-            views = slice(start, min(start + views_per_chunk, self.stored_views))
-            ray, pix, w = matrix_entries(g, views)
-            n_rays = (views.stop - views.start) * g.n_channels
-            block = sp.csr_matrix((w.astype(np.float32), (ray, pix)), shape=(n_rays, n_pix))
-            block.sort_indices()
-            blocks.append(block)
-        a = sp.vstack(blocks, format="csr")
-        if a.nnz >= 2**31 - 1:
-            raise ValueError(f"system matrix for {g} has {a.nnz} non-zeros; int32 indexing holds at most 2**31-1")
-        at = a.T.tocsr()
-        at.sort_indices()
-        arrays = {}
-        for key, m in (("a", a), ("at", at)):
-            arrays[f"{key}_crow"] = m.indptr.astype(np.int32)
-            arrays[f"{key}_col"] = m.indices.astype(np.int32)
-            arrays[f"{key}_val"] = m.data.astype(np.float32)
-        return arrays
-
-    def _load_or_build(self) -> dict[str, np.ndarray]:
-        names = [f"{k}_{p}" for k in ("a", "at") for p in ("crow", "col", "val")]
-        if not all((self.path / f"{n}.npy").is_file() for n in names):
-            arrays = self._build()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".", dir=self.path.parent))
-            try:
-                for n in names:
-                    np.save(tmp / f"{n}.npy", arrays[n])
-                (tmp / "geometry.json").write_text(str(self.geometry.to_dict()))
-                try:
-                    os.rename(tmp, self.path)  # atomic: another process may have won the race
-                except OSError:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        # copy-on-write mapping: pages are read lazily and torch gets writable buffers without a copy
-        return {n: np.load(self.path / f"{n}.npy", mmap_mode="c") for n in names}
-
-    def _csr(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if dtype not in self._matrices:
-            g = self.geometry
-            n_rays = self.stored_views * g.n_channels
-            n_pix = g.image_size ** 2
-            mats = []
-            for key, shape in (("a", (n_rays, n_pix)), ("at", (n_pix, n_rays))):
-                crow = torch.from_numpy(self._arrays[f"{key}_crow"])
-                col = torch.from_numpy(self._arrays[f"{key}_col"])
-                val = torch.from_numpy(self._arrays[f"{key}_val"]).to(dtype)
-                with warnings.catch_warnings():  # CSR support is "beta" in torch; the matrices are scipy-checked
-                    warnings.simplefilter("ignore", UserWarning)
-                    m = torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
-                mats.append(m.to(self.device))
-            self._matrices[dtype] = (mats[0], mats[1])
-        return self._matrices[dtype]
+    @property
+    def path(self) -> Path:
+        return self.operator.matrix.path
 
     @property
     def nbytes(self) -> int:
         """Bytes of the stored matrix and transpose (float32 values, int32 indices)."""
-        return sum(a.nbytes for a in self._arrays.values())
+        return self.operator.matrix.nbytes
 
-    # -- operators ----------------------------------------------------------------------------------------
     def fp(self, image: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
-        a, _ = self._csr(image.dtype)
-        b = image.shape[0]
-        turns = 4 if self.symmetric else 1
-        stack = torch.cat([torch.rot90(image, q, dims=(-2, -1)) for q in range(turns)], dim=0)
-        cols = stack.reshape(turns * b, -1).T.contiguous()
-        rays = torch.sparse.mm(a, cols)  # (stored_views * C, turns * B)
-        rays = rays.reshape(self.stored_views, g.n_channels, turns, b)
-        return rays.permute(3, 2, 0, 1).reshape(b, g.n_views, g.n_channels)
+        return self.operator.forward(image)
 
     def bp(self, sinogram: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
-        _, at = self._csr(sinogram.dtype)
-        b = sinogram.shape[0]
-        turns = 4 if self.symmetric else 1
-        parts = sinogram.reshape(b, turns, self.stored_views * g.n_channels)
-        cols = parts.permute(2, 1, 0).reshape(self.stored_views * g.n_channels, turns * b).contiguous()
-        pix = torch.sparse.mm(at, cols).T.reshape(turns, b, g.image_size, g.image_size)
-        return sum(torch.rot90(pix[q], -q, dims=(-2, -1)) for q in range(turns))
+        return self.operator.transpose(sinogram)

@@ -13,8 +13,9 @@ Source: Kak & Slaney, *Principles of Computerized Tomographic Imaging* (1988), S
 
 Fan-beam FBP requires a full rotation (no short-scan weighting). The filter window (``ram-lak``, ``shepp-logan``
 ``sinc(f)``, ``hann`` ``(1 + cos 2 pi f)/2``, f in cycles per channel) multiplies the kernel's spectrum.
-The backprojection is pixel-driven (linear interpolation along channels) and has its own adjoint, so the
-reconstruction is differentiable without storing per-view sampling grids.
+The backprojection is pixel-driven (linear interpolation along channels); it is evaluated either by
+``grid_sample`` (matrix-free) or from a cached sparse matrix, and has its own adjoint, so the reconstruction is
+differentiable without storing per-view sampling grids.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 
 from .geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
 
-__all__ = ["FILTERS", "WeightedBackprojection", "filter_sinogram", "ramp_kernel"]
+__all__ = ["FILTERS", "ramp_kernel", "filter_sinogram", "backprojection_samples", "backprojection_entries",
+           "SampledBackprojection", "SparseBackprojection", "check_full_rotation"]
 
 FILTERS = ("ram-lak", "shepp-logan", "hann")
 
@@ -89,26 +91,61 @@ def filter_sinogram(sinogram: torch.Tensor, geometry: Geometry, filter_name: str
     return torch.fft.irfft(freq, n=size, dim=-1)[..., :c]
 
 
-class WeightedBackprojection:
-    """Pixel-driven backprojection of filtered projections ``(B, V, C) -> (B, N, N)`` with FBP's weights.
+def backprojection_samples(geometry: Geometry, views: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel reads each view of the filtered sinogram, and with what weight.
 
-    ``apply`` is the linear map, ``adjoint`` its exact adjoint; both loop over chunks of views to bound memory.
-
-    Raises:
-        ValueError: a fan-beam geometry that does not cover a full rotation.
+    Returns:
+        ``channel`` (continuous channel index) and ``weight`` (``dbeta / L^2`` curved, ``dbeta / U^2`` flat,
+        ``dtheta * pi / span`` parallel), each ``(v, N*N)`` float64 for the ``v`` views of ``views``.
     """
+    g = geometry
+    x, y = (a.reshape(-1) for a in g.pixel_centres_mm())
+    beta = g.view_angles()[views][:, None]
+    dbeta = g.view_span_rad / g.n_views
+    centre = (g.n_channels - 1) / 2 - g.channel_offset
+    if isinstance(g, ParallelBeamGeometry):
+        s = -x[None, :] * np.cos(beta) + y[None, :] * np.sin(beta)
+        return s / g.channel_pitch_mm + centre, np.full((beta.shape[0], x.size), dbeta * math.pi / g.view_span_rad)
+    vx = x[None, :] - g.sid_mm * np.sin(beta)
+    vy = y[None, :] - g.sid_mm * np.cos(beta)
+    gamma = np.angle(np.exp(1j * (np.arctan2(-vx, -vy) - beta)))  # wrapped to (-pi, pi]
+    dist2 = vx * vx + vy * vy
+    if g.detector == "curved":
+        return gamma / g.dalpha_rad + centre, dbeta / dist2
+    u = np.sqrt(dist2) * np.cos(gamma) / g.sid_mm
+    return g.sdd_mm * np.tan(gamma) / g.channel_pitch_mm + centre, dbeta / (u * u)
 
-    def __init__(self, geometry: Geometry, chunk_bytes: int = 256 * 2**20):
-        if isinstance(geometry, FanBeamGeometry) and abs(geometry.view_span_rad - 2 * math.pi) > 1e-9:
-            raise ValueError(
-                f"fan-beam FBP needs views over 2*pi, found view_span_rad={geometry.view_span_rad}"
-            )
+
+def backprojection_entries(geometry: Geometry, views: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """COO entries ``(ray, pixel, weight)`` of the transpose of the FBP backprojection for ``views``: linear
+    interpolation between the two channels around each pixel's channel position (zero outside the detector),
+    rays numbered from the first view of ``views``."""
+    channel, weight = backprojection_samples(geometry, views)
+    c = geometry.n_channels
+    lo = np.floor(channel).astype(np.int64)
+    frac = channel - lo
+    view = np.arange(channel.shape[0])[:, None]
+    pixel = np.broadcast_to(np.arange(channel.shape[1])[None, :], channel.shape)
+    rays, pixels, values = [], [], []
+    for k, w in ((lo, 1.0 - frac), (lo + 1, frac)):
+        keep = (k >= 0) & (k < c) & (w > 0)
+        rays.append((view * c + k)[keep])
+        pixels.append(pixel[keep])
+        values.append((w * weight)[keep])
+    return np.concatenate(rays), np.concatenate(pixels), np.concatenate(values)
+
+
+class SampledBackprojection:
+    """Pixel-driven backprojection ``(B, V, C) -> (B, N, N)`` with FBP's weights, evaluated with ``grid_sample``
+    a chunk of views at a time (low memory). ``apply`` is the linear map, ``adjoint`` its exact adjoint."""
+
+    def __init__(self, geometry: Geometry, chunk_bytes: int = 128 * 2**20):
         self.geometry = geometry
         self.chunk_bytes = chunk_bytes
 
     def _chunks(self, batch: int, itemsize: int):
         g = self.geometry
-        per_view = g.image_size**2 * (batch + 3) * itemsize
+        per_view = g.image_size**2 * (batch * itemsize + 3 * itemsize + 64)
         step = max(1, min(g.n_views, self.chunk_bytes // per_view))
         for start in range(0, g.n_views, step):
             yield slice(start, min(start + step, g.n_views))
@@ -116,26 +153,7 @@ class WeightedBackprojection:
     def _grid(self, views: slice, device, dtype):
         """Sampling grid ``(1, v, N*N, 2)`` into the ``(V, C)`` sinogram and weights ``(v, N*N)``."""
         g = self.geometry
-        x, y = (a.reshape(-1) for a in g.pixel_centres_mm())
-        beta = g.view_angles()[views][:, None]
-        dbeta = g.view_span_rad / g.n_views
-        centre = (g.n_channels - 1) / 2 - g.channel_offset
-        if isinstance(g, ParallelBeamGeometry):
-            s = -x[None, :] * np.cos(beta) + y[None, :] * np.sin(beta)
-            channel = s / g.channel_pitch_mm + centre
-            weight = np.full_like(channel, dbeta * math.pi / g.view_span_rad)
-        else:
-            vx = x[None, :] - g.sid_mm * np.sin(beta)
-            vy = y[None, :] - g.sid_mm * np.cos(beta)
-            gamma = np.angle(np.exp(1j * (np.arctan2(-vx, -vy) - beta)))  # wrapped to (-pi, pi]
-            dist2 = vx * vx + vy * vy
-            if g.detector == "curved":
-                channel = gamma / g.dalpha_rad + centre
-                weight = dbeta / dist2
-            else:
-                channel = g.sdd_mm * np.tan(gamma) / g.channel_pitch_mm + centre
-                u = np.sqrt(dist2) * np.cos(gamma) / g.sid_mm
-                weight = dbeta / (u * u)
+        channel, weight = backprojection_samples(g, views)
         rows = np.broadcast_to(np.arange(views.start, views.stop)[:, None], channel.shape)
         grid = np.stack([channel / (g.n_channels - 1) * 2 - 1, rows / max(g.n_views - 1, 1) * 2 - 1], axis=-1)
         return (torch.from_numpy(grid).to(device=device, dtype=dtype)[None],
@@ -166,3 +184,27 @@ class WeightedBackprojection:
                 (grad,) = torch.autograd.grad(samples, probe, (flat * weight)[None])
                 out += grad[0]
         return out
+
+
+class SparseBackprojection:
+    """The same backprojection as ``SampledBackprojection`` (same interpolation and weights), stored as a cached
+    CSR matrix with quarter-turn symmetry (see ``sparse_cache``): the fast default for the sparse backend."""
+
+    def __init__(self, geometry: Geometry, cache_dir=None, device: torch.device | str = "cpu"):
+        from .backends import quarter_turn_operator
+
+        self.geometry = geometry
+        self.operator = quarter_turn_operator(geometry, "fbp-backprojection-v1", backprojection_entries,
+                                              cache_dir, device)
+
+    def apply(self, q: torch.Tensor) -> torch.Tensor:
+        return self.operator.transpose(q)
+
+    def adjoint(self, image: torch.Tensor) -> torch.Tensor:
+        return self.operator.forward(image)
+
+
+def check_full_rotation(geometry: Geometry) -> None:
+    """Raise ``ValueError`` for a fan-beam geometry whose views do not cover 2*pi (no short-scan weights)."""
+    if isinstance(geometry, FanBeamGeometry) and abs(geometry.view_span_rad - 2 * math.pi) > 1e-9:
+        raise ValueError(f"fan-beam FBP needs views over 2*pi, found view_span_rad={geometry.view_span_rad}")

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from .backends import RaySamplingBackend, SparseMatrixBackend
-from .fbp import WeightedBackprojection, filter_sinogram
+from .fbp import SampledBackprojection, SparseBackprojection, check_full_rotation, filter_sinogram
 from .geometry import Geometry
 from .validation import check_image, check_sinogram
 
@@ -41,14 +41,15 @@ class Projector:
 
     Args:
         geometry: a ``FanBeamGeometry`` or ``ParallelBeamGeometry``.
-        backend: ``"sparse"`` (precomputed CSR system matrix, the fast default) or ``"raysampling"``
-            (matrix-free, low memory). Both implement the same Joseph operator. ASTRA is available only as
+        backend: ``"sparse"`` (precomputed CSR system matrix and FBP backprojection matrix, the fast default)
+            or ``"raysampling"`` (matrix-free, low memory). Both implement the same Joseph projector and the
+            same FBP. ASTRA is available only as
             a test/benchmark reference (``marbench.physics.astra_reference``).
         device: where the operator runs; inputs must be on the same device.
         cache_dir: system-matrix cache (sparse backend), default ``$MARBENCH_CACHE/projectors``.
 
     Raises:
-        ValueError: unknown backend.
+        ValueError: unknown backend; a fan-beam geometry that does not cover a full rotation (FBP).
     """
 
     def __init__(self, geometry: Geometry, backend: Literal["sparse", "raysampling"] = "sparse",
@@ -57,11 +58,13 @@ class Projector:
             raise ValueError(f"unknown projector backend {backend!r}; expected one of {BACKENDS}")
         self.geometry = geometry
         self.device = torch.device(device)
+        check_full_rotation(geometry)
         if backend == "sparse":
             self.backend = SparseMatrixBackend(geometry, cache_dir=cache_dir, device=self.device)
+            self._backprojection = SparseBackprojection(geometry, cache_dir=cache_dir, device=self.device)
         else:
             self.backend = RaySamplingBackend(geometry)
-        self._backprojection = WeightedBackprojection(geometry)
+            self._backprojection = SampledBackprojection(geometry)
 
     def _check_device(self, x: torch.Tensor, name: str) -> None:
         if x.device.type != self.device.type:

@@ -1,0 +1,118 @@
+"""A sparse linear operator and its transpose as torch CSR matrices (int32 indices), cached on disk.
+
+The matrices are built once per key (a geometry hash plus an operator tag), written atomically as ``.npy``
+files (a temporary folder renamed into place, so concurrent builders never see half a cache) and memory-mapped
+copy-on-write on reuse: a later process pages in only what it touches and pays no build cost.
+
+With quarter-turn symmetry (``Geometry.has_quarter_turn_symmetry``) the operators store only the first quarter
+of the views; ``QuarterTurnOperator`` applies view ``v + q V/4`` as view ``v`` on the image turned ``q``
+quarter turns, which also batches the four quarters into one sparse-dense product.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["CachedCSRPair", "QuarterTurnOperator"]
+
+_NAMES = [f"{k}_{p}" for k in ("m", "mt") for p in ("crow", "col", "val")]
+
+
+class CachedCSRPair:
+    """``M`` of shape ``(rows, cols)`` and ``M^T``, as CSR.
+
+    Args:
+        path: cache folder of this operator.
+        shape: ``(rows, cols)`` of ``M``.
+        build: returns ``M`` as a ``scipy.sparse.csr_matrix`` (float32 values); called only on a cache miss.
+        device: where the torch matrices live.
+
+    Raises:
+        ValueError: more non-zeros than int32 indexing holds, or a built matrix of the wrong shape.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int], build: Callable, device: torch.device):
+        self.path, self.shape, self.device = Path(path), shape, device
+        if not all((self.path / f"{n}.npy").is_file() for n in _NAMES):
+            self._write(build())
+        self.arrays = {n: np.load(self.path / f"{n}.npy", mmap_mode="c") for n in _NAMES}
+        self._torch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _write(self, m) -> None:
+        if m.shape != self.shape:
+            raise ValueError(f"{self.path}: built matrix has shape {m.shape}, expected {self.shape}")
+        if m.nnz >= 2**31 - 1:
+            raise ValueError(f"{self.path}: {m.nnz} non-zeros; int32 indexing holds at most 2**31-1")
+        m.sort_indices()
+        mt = m.T.tocsr()
+        mt.sort_indices()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".", dir=self.path.parent))
+        try:
+            for key, mat in (("m", m), ("mt", mt)):
+                np.save(tmp / f"{key}_crow.npy", mat.indptr.astype(np.int32))
+                np.save(tmp / f"{key}_col.npy", mat.indices.astype(np.int32))
+                np.save(tmp / f"{key}_val.npy", mat.data.astype(np.float32))
+            try:
+                os.rename(tmp, self.path)
+            except OSError:  # another process finished the same cache first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def _matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self._torch:
+            mats = []
+            for key, shape in (("m", self.shape), ("mt", self.shape[::-1])):
+                crow = torch.from_numpy(self.arrays[f"{key}_crow"])
+                col = torch.from_numpy(self.arrays[f"{key}_col"])
+                val = torch.from_numpy(self.arrays[f"{key}_val"]).to(dtype)
+                with warnings.catch_warnings():  # CSR support is "beta" in torch; the arrays come from scipy
+                    warnings.simplefilter("ignore", UserWarning)
+                    mat = torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
+                mats.append(mat.to(self.device))
+            self._torch[dtype] = (mats[0], mats[1])
+        return self._torch[dtype]
+
+    def matmul(self, dense: torch.Tensor) -> torch.Tensor:
+        """``M @ dense`` for ``dense`` of shape ``(cols, K)``."""
+        return torch.sparse.mm(self._matrices(dense.dtype)[0], dense)
+
+    def matmul_t(self, dense: torch.Tensor) -> torch.Tensor:
+        """``M^T @ dense`` for ``dense`` of shape ``(rows, K)``."""
+        return torch.sparse.mm(self._matrices(dense.dtype)[1], dense)
+
+
+class QuarterTurnOperator:
+    """An image-to-sinogram operator ``(B, N, N) -> (B, V, C)`` (``forward``) and its transpose (``transpose``)
+    from the matrix ``M`` of its first ``stored_views`` views (all views when ``turns == 1``)."""
+
+    def __init__(self, matrix: CachedCSRPair, image_size: int, n_views: int, n_channels: int, turns: int):
+        self.matrix, self.n, self.v, self.c, self.turns = matrix, image_size, n_views, n_channels, turns
+        self.stored_views = n_views // turns
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        b = image.shape[0]
+        stack = torch.cat([torch.rot90(image, q, dims=(-2, -1)) for q in range(self.turns)], dim=0)
+        rays = self.matrix.matmul(stack.reshape(self.turns * b, -1).T.contiguous())
+        rays = rays.reshape(self.stored_views, self.c, self.turns, b)
+        return rays.permute(3, 2, 0, 1).reshape(b, self.v, self.c)
+
+    def transpose(self, sinogram: torch.Tensor) -> torch.Tensor:
+        b = sinogram.shape[0]
+        parts = sinogram.reshape(b, self.turns, self.stored_views * self.c)
+        cols = parts.permute(2, 1, 0).reshape(self.stored_views * self.c, self.turns * b).contiguous()
+        pix = self.matrix.matmul_t(cols).T.reshape(self.turns, b, self.n, self.n)
+        return sum(torch.rot90(pix[q], -q, dims=(-2, -1)) for q in range(self.turns))
