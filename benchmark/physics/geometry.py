@@ -215,6 +215,8 @@ PRESETS: dict[str, Geometry] = {
                                      channel_pitch_mm=2.0, **{**_AAPM, "channel_offset": -0.625}),
     "aapm_body_128": FanBeamGeometry(n_views=248, n_channels=225, image_size=128, fov_mm=400.0,
                                      channel_pitch_mm=4.0, **{**_AAPM, "channel_offset": -0.3125}),
+    "aapm_head_128": FanBeamGeometry(n_views=248, n_channels=225, image_size=128, fov_mm=220.16,
+                                     channel_pitch_mm=4.0, **{**_AAPM, "channel_offset": -0.3125}),
     # SynDeepLesion: ODL FanBeamGeometry, flat detector, 641 bins over 2*sqrt(2)*416*reso at 2x magnification
     "syndeeplesion": FanBeamGeometry(n_views=640, n_channels=641, image_size=416, fov_mm=416 * _SDL_RESO_MM,
                                      sid_mm=_SDL_RADIUS_MM, sdd_mm=2 * _SDL_RADIUS_MM,

@@ -23,7 +23,7 @@ blurring; the detector's Swank factor is ignored (Poisson statistics on photon c
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +44,7 @@ class SimulationConfig:
     kvp: float = 120.0
     target_angle_deg: float = 7.0
     aluminium_mm: float = 3.0
-    bin_kev: float = 2.0
+    bin_kev: float = 8.0  # ~13 energies; the AAPM simulation sampled its spectrum at 12
     photons_per_ray: float = 2.0e5
     electronic_noise_photons: float = 2.5
     starvation_floor_photons: float = 1.0
@@ -101,8 +101,9 @@ def _tissue_densities(hu: torch.Tensor, mu_water: float, cfg: SimulationConfig) 
 
 
 def _detect(projector: Projector, densities: list[torch.Tensor], materials: list[str], cfg: SimulationConfig,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-log line integrals ``(B, 1, V, C)`` (before BHC) and the count of starved readings ``(B,)``."""
+            seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Post-log line integrals ``(B, 1, V, C)`` (before BHC), the count of starved readings ``(B,)`` and the
+    density line integrals ``(M, B, V, C)`` of each material."""
     spec = cfg.spectrum()
     b = densities[0].shape[0]
     proj = projector.fp(torch.cat(densities, dim=0)).reshape(len(densities), b, *projector.geometry.sinogram_shape)
@@ -117,18 +118,21 @@ def _detect(projector: Projector, densities: list[torch.Tensor], materials: list
     if cfg.noise:
         counts_mean = cfg.photons_per_ray * (transmission @ photon_w)
         mean_energy = signal / (transmission @ photon_w).clamp(min=1e-30)  # relative to the air scan's
-        counts = torch.poisson(counts_mean, generator=generator)
-        electronic = torch.randn(counts.shape, generator=generator, dtype=counts.dtype) * cfg.electronic_noise_photons
-        photons = counts * mean_energy + electronic
+        counts, electronic = torch.empty_like(counts_mean), torch.empty_like(counts_mean)
+        for i, seed in enumerate(seeds):  # one stream per slice: its bytes do not depend on the batch
+            gen = torch.Generator().manual_seed(int(seed))
+            counts[i] = torch.poisson(counts_mean[i], generator=gen)
+            electronic[i] = torch.randn(counts_mean[i].shape, generator=gen, dtype=counts_mean.dtype)
+        photons = counts * mean_energy + electronic * cfg.electronic_noise_photons
         floor = cfg.starvation_floor_photons
         starved_mask = photons < floor
         starved = starved_mask.reshape(b, -1).sum(1)
         signal = torch.where(starved_mask, torch.full_like(photons, floor), photons) / cfg.photons_per_ray
-    return (-torch.log(signal)).unsqueeze(1), starved
+    return (-torch.log(signal)).unsqueeze(1), starved, proj
 
 
 def simulate_scan(projector: Projector, hu_image: torch.Tensor, metal_masks: Mapping[str, torch.Tensor],
-                  config: SimulationConfig = SimulationConfig(), seed: int = 0) -> SimulatedScan:
+                  config: SimulationConfig = SimulationConfig(), seed: int | Sequence[int] = 0) -> SimulatedScan:
     """Simulate the metal-free and the metal-affected scan of HU images with metal objects.
 
     Args:
@@ -137,7 +141,8 @@ def simulate_scan(projector: Projector, hu_image: torch.Tensor, metal_masks: Map
         metal_masks: material name (a key of ``spectrum.MATERIALS``) -> bool ``(B, 1, N, N)`` mask; may be
             empty (then both scans differ only by noise).
         config: spectrum, noise and correction parameters.
-        seed: seeds the noise; the same inputs and seed give the same bytes.
+        seed: seeds the noise, one per slice (an int seeds slice ``i`` with ``seed + i``); the same inputs and
+            seeds give the same bytes, in any batch.
     Returns:
         ``SimulatedScan`` with HU images, post-log BHC'd sinograms, metal mask and trace.
     Raises:
@@ -156,18 +161,22 @@ def simulate_scan(projector: Projector, hu_image: torch.Tensor, metal_masks: Map
     for mask in metal_masks.values():
         metal = metal | mask
     water, bone = _tissue_densities(hu, g.mu_water_per_mm, config)
+    b = hu.shape[0]
+    seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != b:
+        raise ValueError(f"seed: expected {b} per-slice seeds, found {len(seeds)}")
     # common random numbers: both scans draw the same noise, so they differ only by what the metal does
-    gt_line, _ = _detect(projector, [water, bone], ["water", "cortical_bone"], config,
-                         torch.Generator().manual_seed(seed))
+    gt_line, _, _ = _detect(projector, [water, bone], ["water", "cortical_bone"], config, seeds)
     keep = (~metal).to(hu.dtype)
     metal_names = list(metal_masks)
     metal_dens = [metal_masks[m].to(hu.dtype) * MATERIALS[m].density_g_cm3 for m in metal_names]
-    ma_line, starved = _detect(projector, [water * keep, bone * keep, *metal_dens],
-                               ["water", "cortical_bone", *metal_names], config, torch.Generator().manual_seed(seed))
+    ma_line, starved, proj = _detect(projector, [water * keep, bone * keep, *metal_dens],
+                               ["water", "cortical_bone", *metal_names], config, seeds)
     coeffs = water_bhc_coefficients(config.spectrum(), g.mu_water_per_mm, config.bhc_order,
                                     config.bhc_max_length_mm)
     gt_sino, ma_sino = apply_polynomial(coeffs, gt_line), apply_polynomial(coeffs, ma_line)
-    trace = projector.fp(metal.to(hu.dtype)) > 0
+    # metal trace = fp(metal mask) > 0, read off the metal density projections already made
+    trace = (proj[2:].sum(0) > 0).unsqueeze(1) if metal_names else torch.zeros_like(gt_sino, dtype=torch.bool)
     return SimulatedScan(
         gt_sinogram=gt_sino,
         ma_sinogram=ma_sino,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from marbench.physics import Projector, SimulationConfig, preset, simulate_scan
 from marbench.physics.simulation import apply_polynomial, water_bhc_coefficients
-from marbench.physics.spectrum import MATERIALS, effective_energy_kev
+from marbench.physics.spectrum import MATERIALS, effective_energy_kev, tube_spectrum
 
 from .test_inpainting import _bone_metal_phantom
 
@@ -34,12 +34,14 @@ def test_effective_energy_of_the_aapm_water_convention():
 
 
 def test_spectrum_is_a_120kvp_tungsten_spectrum():
-    spec = SimulationConfig().spectrum()
+    assert 10 <= len(SimulationConfig().spectrum().energies_kev) <= 14  # AAPM: 12 energies
+    spec = tube_spectrum(120.0, 7.0, 3.0, bin_kev=1.0)
     assert spec.weights.sum() == pytest.approx(1.0)
     assert spec.energies_kev.max() <= 120 and 50 < spec.mean_energy_kev < 75
     # tungsten K lines (59.3, 67.2 keV) stand out of the bremsstrahlung
-    k_bin = np.argmin(np.abs(spec.energies_kev - 59.0))
-    assert spec.weights[k_bin] > 1.2 * spec.weights[k_bin - 3]
+    e = spec.energies_kev
+    k_alpha = spec.weights[(e > 57) & (e < 60)].max()
+    assert k_alpha > 1.5 * spec.weights[np.argmin(np.abs(e - 54.5))]
 
 
 def test_metal_free_images_match_the_phantom_within_noise(setup):
@@ -112,3 +114,12 @@ def test_bad_simulation_input(setup):
         simulate_scan(p, hu, {"titanium": good.float()})
     with pytest.raises(ValueError, match="hu_image: expected finite"):
         simulate_scan(p, hu * float("nan"), {})
+
+
+def test_a_slice_gets_the_same_bytes_in_any_batch(setup):
+    g, p = setup
+    hu, metal, _ = _bone_metal_phantom(g)
+    pair = simulate_scan(p, hu.repeat(2, 1, 1, 1), {"titanium": metal.repeat(2, 1, 1, 1)}, seed=[11, 12])
+    alone = simulate_scan(p, hu, {"titanium": metal}, seed=[12])
+    assert torch.equal(pair.ma_sinogram[1], alone.ma_sinogram[0])
+    assert not torch.equal(pair.ma_sinogram[0], pair.ma_sinogram[1])
