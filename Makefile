@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test perf lint clean-cache
+.PHONY: install test perf lint data clean-cache
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ test: $(STAMP)
 
 perf: $(STAMP)
 	$(VENV)/bin/python perf/projector_speed.py
+	$(VENV)/bin/python perf/simulation_speed.py
+
+data: $(STAMP)
+	$(VENV)/bin/marbench simulate --preset smoke --out data/smoke
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check benchmark methods datasets tests perf

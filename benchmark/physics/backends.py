@@ -25,7 +25,8 @@ from .sparse_cache import CachedCSRPair, QuarterTurnOperator
 
 __all__ = ["RaySamplingBackend", "SparseMatrixBackend", "default_cache_dir", "quarter_turn_operator"]
 
-_MATRIX_FORMAT_VERSION = "joseph-csr-v1"
+_MATRIX_FORMAT_VERSION = "joseph-csr-v2"
+CPU_PRODUCT_COLUMNS = 8
 
 
 def default_cache_dir() -> Path:
@@ -124,8 +125,11 @@ def quarter_turn_operator(geometry: Geometry, tag: str, entries, cache_dir, devi
             blocks.append(sp.csr_matrix((w.astype(np.float32), (ray, pix)), shape=(rows, shape[1])))
         return sp.vstack(blocks, format="csr")
 
-    pair = CachedCSRPair(operator_cache_path(g, tag, cache_dir), shape, build, torch.device(device))
-    return QuarterTurnOperator(pair, g.image_size, g.n_views, g.n_channels, turns)
+    device = torch.device(device)
+    pair = CachedCSRPair(operator_cache_path(g, tag, cache_dir), shape, build, device)
+    # 8 columns per sparse product was fastest on the 2-core CPU (perf/projector_speed.py); cuSPARSE takes all
+    width = CPU_PRODUCT_COLUMNS if device.type == "cpu" else 2**30
+    return QuarterTurnOperator(pair, g.image_size, g.n_views, g.n_channels, turns, width, width)
 
 
 class SparseMatrixBackend:

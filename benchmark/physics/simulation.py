@@ -100,13 +100,12 @@ def _tissue_densities(hu: torch.Tensor, mu_water: float, cfg: SimulationConfig) 
     return mu * (1 - bone) / water_mu_mass, mu * bone / bone_mu_mass
 
 
-def _detect(projector: Projector, densities: list[torch.Tensor], materials: list[str], cfg: SimulationConfig,
-            seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Post-log line integrals ``(B, 1, V, C)`` (before BHC), the count of starved readings ``(B,)`` and the
-    density line integrals ``(M, B, V, C)`` of each material."""
+def _detect(proj: torch.Tensor, materials: list[str], cfg: SimulationConfig,
+            seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-log line integrals ``(B, 1, V, C)`` (before BHC) and the count of starved readings ``(B,)`` from the
+    density line integrals ``proj`` ``(M, B, V, C)`` (g/cm^3 * mm) of each material."""
     spec = cfg.spectrum()
-    b = densities[0].shape[0]
-    proj = projector.fp(torch.cat(densities, dim=0)).reshape(len(densities), b, *projector.geometry.sinogram_shape)
+    b = proj.shape[1]
     mass = torch.as_tensor(np.stack([MATERIALS[m].mass_attenuation_cm2_g(spec.energies_kev) / 10.0
                                      for m in materials]), dtype=proj.dtype)  # (M, E), mm^-1 per g/cm^3
     energy_line = torch.einsum("mbvc,me->bvce", proj, mass)
@@ -128,7 +127,7 @@ def _detect(projector: Projector, densities: list[torch.Tensor], materials: list
         starved_mask = photons < floor
         starved = starved_mask.reshape(b, -1).sum(1)
         signal = torch.where(starved_mask, torch.full_like(photons, floor), photons) / cfg.photons_per_ray
-    return (-torch.log(signal)).unsqueeze(1), starved, proj
+    return (-torch.log(signal)).unsqueeze(1), starved
 
 
 def simulate_scan(projector: Projector, hu_image: torch.Tensor, metal_masks: Mapping[str, torch.Tensor],
@@ -165,18 +164,24 @@ def simulate_scan(projector: Projector, hu_image: torch.Tensor, metal_masks: Map
     seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
     if len(seeds) != b:
         raise ValueError(f"seed: expected {b} per-slice seeds, found {len(seeds)}")
-    # common random numbers: both scans draw the same noise, so they differ only by what the metal does
-    gt_line, _, _ = _detect(projector, [water, bone], ["water", "cortical_bone"], config, seeds)
-    keep = (~metal).to(hu.dtype)
+    shape = (b, *g.sinogram_shape)
+    tissue = projector.fp(torch.cat([water, bone])).reshape(2, *shape)
+    # the metal scan differs only on the metal's pixels: by linearity fp(tissue outside metal) is
+    # fp(tissue) - fp(tissue under metal), and everything under the metal has a small support
+    metal_f = metal.to(hu.dtype)
     metal_names = list(metal_masks)
-    metal_dens = [metal_masks[m].to(hu.dtype) * MATERIALS[m].density_g_cm3 for m in metal_names]
-    ma_line, starved, proj = _detect(projector, [water * keep, bone * keep, *metal_dens],
-                               ["water", "cortical_bone", *metal_names], config, seeds)
+    small = [water * metal_f, bone * metal_f,
+             *[metal_masks[m].to(hu.dtype) * MATERIALS[m].density_g_cm3 for m in metal_names]]
+    under = projector.fp_small_support(torch.cat(small)).reshape(len(small), *shape)
+    ma_proj = torch.cat([(tissue - under[:2]).clamp(min=0.0), under[2:]])  # clamp: float rounding only
+    # common random numbers: both scans draw the same noise, so they differ only by what the metal does
+    gt_line, _ = _detect(tissue, ["water", "cortical_bone"], config, seeds)
+    ma_line, starved = _detect(ma_proj, ["water", "cortical_bone", *metal_names], config, seeds)
     coeffs = water_bhc_coefficients(config.spectrum(), g.mu_water_per_mm, config.bhc_order,
                                     config.bhc_max_length_mm)
     gt_sino, ma_sino = apply_polynomial(coeffs, gt_line), apply_polynomial(coeffs, ma_line)
     # metal trace = fp(metal mask) > 0, read off the metal density projections already made
-    trace = (proj[2:].sum(0) > 0).unsqueeze(1) if metal_names else torch.zeros_like(gt_sino, dtype=torch.bool)
+    trace = (under[2:].sum(0) > 0).unsqueeze(1) if metal_names else torch.zeros_like(gt_sino, dtype=torch.bool)
     return SimulatedScan(
         gt_sinogram=gt_sino,
         ma_sinogram=ma_sino,

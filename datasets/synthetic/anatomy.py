@@ -258,28 +258,44 @@ def sample_case(category: str, rng: np.random.Generator, n_waves: int = 48) -> C
     return b.spec
 
 
-def _inside(shape: dict, x: np.ndarray, y: np.ndarray, z_mm: float) -> np.ndarray:
+def _inside(shape: dict, x: np.ndarray, y: np.ndarray, z_mm: float) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The shape's pixels: a bounding box of the grid and the boolean mask inside it."""
     scale = 1 + shape["dz"][0] * z_mm
     cx, cy = shape["cx"] + shape["dz"][1] * z_mm * 10, shape["cy"] + shape["dz"][2] * z_mm * 10
+    reach = max(shape["ax"], shape["ay"]) * scale * (1 + np.abs(shape["harmonics"]).sum()) + 1.0
+    cols = np.nonzero(np.abs(x[0] - cx) <= reach)[0]
+    rows = np.nonzero(np.abs(y[:, 0] - cy) <= reach)[0]
+    if cols.size == 0 or rows.size == 0:
+        return (slice(0, 0), slice(0, 0)), np.zeros((0, 0), dtype=bool)
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    xb, yb = x[box] - cx, y[box] - cy
     ca, sa = math.cos(shape["angle"]), math.sin(shape["angle"])
-    u, v = ca * (x - cx) + sa * (y - cy), -sa * (x - cx) + ca * (y - cy)
-    theta = np.arctan2(v, u)
-    wobble = 1 + sum(h * np.cos((i + 2) * theta + p)
-                     for i, (h, p) in enumerate(zip(shape["harmonics"], shape["phases"], strict=True)))
+    u, v = ca * xb + sa * yb, -sa * xb + ca * yb
+    wobble = 1.0
+    if np.any(shape["harmonics"]):
+        theta = np.arctan2(v, u)
+        wobble = 1 + sum(h * np.cos((i + 2) * theta + p)
+                         for i, (h, p) in enumerate(zip(shape["harmonics"], shape["phases"], strict=True)))
     ax, ay = shape["ax"] * scale * wobble, shape["ay"] * scale * wobble
     inside = (u / ax) ** 2 + (v / ay) ** 2 <= 1.0
     if "inner" in shape:
         t = shape["inner"]
         inside &= (u / np.maximum(ax - t, 1e-3)) ** 2 + (v / np.maximum(ay - t, 1e-3)) ** 2 > 1.0
-    return inside
+    return box, inside
 
 
 def texture(spec: CaseSpec, x: np.ndarray, y: np.ndarray, z_mm: float) -> np.ndarray:
-    """Unit-variance 3D texture field at ``(x, y, z_mm)`` (sum of the case's random plane waves)."""
-    out = np.zeros(np.broadcast_shapes(x.shape, y.shape))
-    for kx, ky, kz, phase, amp in spec.waves:
-        out += amp * np.cos(kx * x + ky * y + kz * z_mm + phase)
-    return out
+    """Unit-variance 3D texture field on the grid ``x`` (columns) by ``y`` (rows) at ``z_mm``.
+
+    The sum of plane waves ``a cos(kx x + ky y + kz z + phi)`` is evaluated as one matrix product through
+    ``cos(p + q) = cos p cos q - sin p sin q`` with ``p = kx x`` along columns and ``q`` along rows.
+    """
+    kx, ky, kz, phase, amp = spec.waves.T
+    p = np.outer(x[0], kx)  # (N, W)
+    q = np.outer(y[:, 0], ky) + kz * z_mm + phase  # (N, W)
+    rows = np.concatenate([np.cos(q) * amp, -np.sin(q) * amp], axis=1)
+    cols = np.concatenate([np.cos(p), np.sin(p)], axis=1)
+    return rows @ cols.T
 
 
 def render(spec: CaseSpec, geometry: Geometry, z_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -294,10 +310,10 @@ def render(spec: CaseSpec, geometry: Geometry, z_mm: float = 0.0) -> tuple[np.nd
     for shape in spec.shapes:
         if shape["kind"] != "ellipse":
             continue
-        inside = _inside(shape, x, y, z_mm)
+        box, inside = _inside(shape, x, y, z_mm)
         tissue = TISSUES[shape["tissue"]]
-        labels[inside] = tissue.label
-        base[inside] = (shape["hu"] if shape["hu"] is not None else tissue.hu) + spec.hu_jitter[tissue.name]
+        labels[box][inside] = tissue.label
+        base[box][inside] = (shape["hu"] if shape["hu"] is not None else tissue.hu) + spec.hu_jitter[tissue.name]
     amp = np.array([t.texture_hu for t in sorted(TISSUES.values(), key=lambda t: t.label)])[labels]
     hu = base + amp * texture(spec, x, y, z_mm)
     return hu.astype(np.float32), labels

@@ -35,7 +35,7 @@ from .anatomy import ANATOMY_OF, CATEGORIES, render, sample_case
 from .implants import MetalObject, fractal_objects, sample_implants
 from .tissues import label_names
 
-__all__ = ["GENERATOR_VERSION", "SyntheticPreset", "PRESETS", "generate", "plan_jobs"]
+__all__ = ["GENERATOR_VERSION", "SyntheticPreset", "PRESETS", "generate", "plan_jobs", "split_text"]
 
 GENERATOR_VERSION = "1.0"
 
@@ -95,9 +95,11 @@ def plan_jobs(p: SyntheticPreset) -> list[Job]:
         counters[key] = counters.get(key, 0) + 1
         jobs.append(Job(len(jobs), root, AAPMCase(f"{anatomy}1", anatomy, counters[key]), category, kind, base, level))
 
-    for _ in range(p.cases_per_category):
-        for category in CATEGORIES:
-            add("", category, "main")
+    for anatomy in ("body", "head"):  # one anatomy at a time keeps the simulation batches full
+        for _ in range(p.cases_per_category):
+            for category in CATEGORIES:
+                if ANATOMY_OF[category] == anatomy:
+                    add("", category, "main")
     body_categories = [c for c in CATEGORIES if ANATOMY_OF[c] == "body"]
     for s in range(p.sweep_slices):
         category = body_categories[s % len(body_categories)]
@@ -191,9 +193,12 @@ def _batches(jobs: list[Job], size: int):
         yield batch
 
 
-def _write_indexes(out: Path, p: SyntheticPreset, jobs: list[Job], seed: int) -> None:
+def split_text(preset_name: str, seed: int = 0) -> str:
+    """The split file of a synthetic benchmark: per category, 70/15/15 % train/val/test at random (seeded)."""
+    p = PRESETS[preset_name]
+    jobs = plan_jobs(p)
     rng = _rng(seed, 9)
-    lines = ["# synthetic benchmark split: <split> <case_id> <category>"]
+    lines = [f"# synthetic benchmark '{preset_name}', seed {seed}: <split> <case_id> <category>"]
     for category in CATEGORIES:
         cases = [j for j in jobs if j.kind == "main" and j.category == category]
         order = rng.permutation(len(cases))
@@ -202,7 +207,11 @@ def _write_indexes(out: Path, p: SyntheticPreset, jobs: list[Job], seed: int) ->
         for rank, idx in enumerate(order):
             name = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
             lines.append(f"{name} {cases[idx].case.case_id} {category}")
-    atomic_write_bytes(out / "split.txt", ("\n".join(lines) + "\n").encode())
+    return "\n".join(lines) + "\n"
+
+
+def _write_indexes(out: Path, p: SyntheticPreset, jobs: list[Job], seed: int) -> None:
+    atomic_write_bytes(out / "split.txt", split_text(p.name, seed).encode())
     tables = {
         "sweeps/quantity/sweep.csv": (["case_id", "category", "base_slice", "n_objects", "diameter_mm"],
                                       [[j.case.case_id, j.category, j.base, j.level, p.sweep_diameter_mm]

@@ -196,3 +196,26 @@ def test_cuda_matches_cpu(backend):
     torch.testing.assert_close(gpu.fp(x.cuda()).cpu(), cpu.fp(x), rtol=1e-4, atol=1e-5)
     s = cpu.fp(x)
     torch.testing.assert_close(gpu.fbp(s.cuda()).cpu(), cpu.fbp(s), rtol=1e-4, atol=1e-6)
+
+
+def test_a_stale_cache_folder_is_replaced(tmp_path):
+    g = SMALL["curved"]
+    first = Projector(g, cache_dir=tmp_path)
+    path = first.backend.path
+    (path / "m_val.npy").unlink()  # a folder left incomplete (older format, interrupted copy)
+    again = Projector(g, cache_dir=tmp_path)
+    assert (path / "m_val.npy").is_file()
+    x = ellipses_mu(g)
+    torch.testing.assert_close(again.fp(x), Projector(g, backend="raysampling").fp(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_support_projection_equals_fp(name):
+    g = SMALL[name]
+    p = Projector(g)
+    x = torch.zeros((2, 1, *g.image_shape))
+    x[0, 0, 10:14, 40:43] = 3.0
+    x[1, 0, 50, 7] = 1.5
+    torch.testing.assert_close(p.fp_small_support(x), p.fp(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(Projector(g, backend="raysampling").fp_small_support(x),
+                       Projector(g, backend="raysampling").fp(x))
