@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test perf lint data clean-cache
+.PHONY: install test bench leaderboard perf lint data clean-cache
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/marbench bench
+
+leaderboard: $(STAMP)
+	$(VENV)/bin/marbench leaderboard
 
 perf: $(STAMP)
 	$(VENV)/bin/python perf/projector_speed.py

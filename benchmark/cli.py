@@ -1,8 +1,14 @@
-"""The ``marbench`` command line."""
+"""The ``marbench`` command line.
+
+``marbench simulate``, ``splits editmar``, ``list``, ``bench``, ``leaderboard``; ``fit``, ``validate``, ``test``
+and ``predict`` are LightningCLI subcommands (``marbench test --config configs/bench/li.yaml``).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+
+_LIGHTNING = ("fit", "validate", "test", "predict")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -33,8 +39,46 @@ def _splits_editmar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(args: argparse.Namespace) -> int:
+    from marbench.registry import available_methods
+
+    methods = available_methods()
+    width = max(len(n) for n in methods)
+    for name, cls in methods.items():
+        card = cls.card
+        kind = "trained" if card.trainable else "no training"
+        print(f"{name:{width}s}  {kind:11s}  needs {', '.join(card.needs)}\n{'':{width}s}  {card.paper}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from marbench.bench import run_bench
+
+    timings = run_bench([Path(c) for c in args.configs] or None, data_root=args.data, preset=args.preset)
+    steps = ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+    print(f"wall seconds: {steps}; total {sum(timings.values()):.0f}")
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from marbench.leaderboard import build_leaderboards, check_leaderboards
+
+    if args.check:
+        problems = check_leaderboards(args.root)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print("leaderboard tables: " + ("out of date" if problems else "match the committed records"))
+        return 1 if problems else 0
+    written = build_leaderboards(args.root, figures=not args.tables_only)
+    print(f"{len(written)} files written under {args.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="marbench", description="Benchmark suite for CT metal artifact reduction")
+    parser = argparse.ArgumentParser(prog="marbench", description="Benchmark suite for CT metal artifact reduction",
+                                     epilog="fit | validate | test | predict --config FILE: LightningCLI subcommands")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="generate (or resume) the synthetic AAPM-like benchmark")
     sim.add_argument("--preset", default="smoke", choices=["tiny", "smoke", "aapm"])
@@ -45,15 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     splits = sub.add_parser("splits", help="write split files").add_subparsers(dest="protocol", required=True)
     editmar = splits.add_parser("editmar", help="CT-EditMAR test / train-N / reference-pool split")
     editmar.add_argument("--categories", required=True, help="CSV with columns case_id,category[,patient]")
-    editmar.add_argument("--out", required=True, help="folder for editmar.txt and editmar_references.txt")
+    editmar.add_argument("--out", required=True, help="folder for editmar_n*.txt and editmar_references.txt")
     editmar.add_argument("--test-size", type=int, default=1000)
     editmar.add_argument("--train-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     editmar.add_argument("--seed", type=int, default=0)
     editmar.set_defaults(func=_splits_editmar)
+    sub.add_parser("list", help="registered methods, their papers and inputs").set_defaults(func=_list)
+    bench = sub.add_parser("bench", help="simulate, train, evaluate every config, rebuild the leaderboard")
+    bench.add_argument("configs", nargs="*", help="configs to run (default: configs/bench/*.yaml)")
+    bench.add_argument("--data", default="data/smoke")
+    bench.add_argument("--preset", default="smoke", choices=["tiny", "smoke", "aapm"])
+    bench.set_defaults(func=_bench)
+    lb = sub.add_parser("leaderboard", help="rebuild leaderboards/ from leaderboards/results/*.json")
+    lb.add_argument("--root", default="leaderboards")
+    lb.add_argument("--tables-only", action="store_true", help="tables only (no figures)")
+    lb.add_argument("--check", action="store_true", help="exit 1 if the committed tables differ from the records")
+    lb.set_defaults(func=_leaderboard)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _LIGHTNING:
+        from marbench.lightning_cli import build_cli
+
+        build_cli(argv)
+        return 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -8,7 +8,7 @@ Each item is a dict (a batch adds the leading ``B``):
 * ``metal_trace``: ``(1, V, C)`` bool, ``fp(metal_mask) > 0`` with the anatomy's geometry;
 * ``li_sinogram`` ``(1, V, C)`` and ``li_image`` ``(1, N, N)`` HU: the LI prior (Kalender 1987), computed once
   per case and cached under ``$MARBENCH_CACHE/li``;
-* ``category`` (str), ``slice_id`` (str), ``fov_mm`` (float).
+* ``category`` (str), ``anatomy`` (``body``/``head``), ``slice_id`` (str), ``fov_mm`` (float).
 
 The geometry comes from the anatomy (``aapm_body`` / ``aapm_head`` presets); a ``manifest.json`` at the root
 (written by the synthetic benchmark) may name other presets per anatomy, e.g. ``aapm_body_256``.
@@ -121,7 +121,7 @@ class AAPMCTMARDataset(Dataset):
         files = case_files(self.root, case, g)
         need = set(self.keys)
         item: dict = {"slice_id": case.case_id, "category": self.categories.get(case.case_id, case.anatomy),
-                      "fov_mm": g.fov_mm}
+                      "anatomy": case.anatomy, "fov_mm": g.fov_mm}
         arrays: dict[str, np.ndarray] = {}
         for key in ("gt_image", "ma_image", "gt_sinogram", "ma_sinogram"):
             if key in need or (key == "ma_sinogram" and need & {"li_sinogram", "li_image"}):
@@ -172,9 +172,11 @@ class AAPMCTMARDataModule(L.LightningDataModule):
         self.projector_backend = projector_backend
         self.datasets: dict[str, AAPMCTMARDataset] = {}
         self.split_sha256: str | None = None
+        self.geometries: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
         geometries = geometries_for_root(self.root)
+        self.geometries = {a: geometries[a] for a in self.anatomy}
         available = {c.case_id: c for a in self.anatomy for c in discover_cases(self.root, a, geometries[a])}
         if self.split_path is None:
             assignment = {"test": [(cid, None) for cid in sorted(available)]}

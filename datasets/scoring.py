@@ -65,7 +65,7 @@ class AAPMScoringDataset(Dataset):
         mask = image > self.metal_threshold_hu
         trace = self._projectors[fov].fp(mask[None].float())[0] > 0
         return {"ma_image": image, "ma_sinogram": sino, "metal_mask": mask, "metal_trace": trace,
-                "category": "scoring", "slice_id": case, "fov_mm": fov}
+                "category": "scoring", "anatomy": f"fov{fov:g}", "slice_id": case, "fov_mm": fov}
 
 
 class AAPMScoringDataModule(L.LightningDataModule):
@@ -78,6 +78,7 @@ class AAPMScoringDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.dataset = AAPMScoringDataset(self.root, self.metal_threshold_hu)
+        self.geometries = {f"fov{fov:g}": self.dataset.geometry(fov) for _, fov in self.dataset.cases}
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=1, num_workers=self.num_workers)

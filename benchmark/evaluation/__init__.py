@@ -1,0 +1,1 @@
+"""Evaluation: metrics, protocols, the evaluator and result records."""

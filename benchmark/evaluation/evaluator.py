@@ -1,0 +1,150 @@
+"""The evaluator: runs a ``MARMethod`` over a datamodule's test split through a Lightning ``Trainer`` and writes
+one result record per protocol.
+
+``Evaluator`` is a Lightning ``Callback`` (so a LightningCLI config can name it under ``trainer.callbacks``):
+at every test batch it times the method's ``test_step`` per slice and updates each protocol's torchmetrics;
+at the end it gathers the per-slice rows from every process, keeps one row per slice (a distributed sampler
+pads with repeats), aggregates mean and std overall and per category with pandas, and rank 0 writes the
+records atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from marbench.method import MARMethod
+
+from .protocols import get_protocol
+from .records import RECORD_VERSION, manifest, write_record
+
+__all__ = ["Evaluator", "evaluate", "aggregate"]
+
+
+def aggregate(frame: pd.DataFrame, metric_names: list[str]) -> dict:
+    """Mean and std (population over slices) of each metric, overall and per category."""
+
+    def stats(df: pd.DataFrame) -> dict:
+        return {m: {"mean": float(df[m].mean()), "std": float(df[m].std(ddof=0)), "n": int(df[m].count())}
+                for m in metric_names}
+
+    return {"overall": stats(frame),
+            "per_category": {str(c): stats(g) for c, g in frame.groupby("category", sort=True)}}
+
+
+class Evaluator(L.Callback):
+    """Evaluate the test split under the named protocols and write records.
+
+    Args:
+        protocols: protocol names (``aapm-hu``, ``editmar``, ``syndeeplesion``).
+        dataset: dataset name for the record and the leaderboard (e.g. ``synthetic-smoke``).
+        out_dir: where records go (``leaderboards/results``).
+        seed: the run's seed (part of the record's name).
+        config: the resolved run configuration, stored in the manifest.
+        example_slice: ``slice_id`` whose input, prediction and target are saved for the qualitative panel
+            (default: the first slice of the test split).
+    """
+
+    def __init__(self, protocols: list[str], dataset: str, out_dir: str = "leaderboards/results", seed: int = 0,
+                 config: dict | None = None, example_slice: str | None = None):
+        self.protocols = [get_protocol(p) for p in protocols]
+        self.dataset, self.out_dir, self.seed = dataset, Path(out_dir), seed
+        self.config, self.example_slice = config, example_slice
+        self.written: list[Path] = []
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        if not isinstance(pl_module, MARMethod):
+            raise ValueError(f"the evaluator needs a MARMethod, found {type(pl_module).__name__}")
+        dm = trainer.datamodule
+        pl_module.attach_geometries(getattr(dm, "geometries", {}) or {})
+        self.metrics = {p.name: {k: m.to(pl_module.device) for k, m in p.metrics().items()} for p in self.protocols}
+        self.rows: list[dict] = []
+        self.example: dict | None = None
+        self._t0 = time.perf_counter()
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._tb = time.perf_counter()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - self._tb) / outputs.shape[0]
+        values: dict[str, torch.Tensor] = {}
+        for p in self.protocols:
+            metrics = self.metrics[p.name]
+            p.update(metrics, outputs, batch)
+            for k, m in metrics.items():
+                values[f"{p.name}/{k}"] = m.values[-1]
+        for i in range(outputs.shape[0]):
+            row = {"slice_id": batch["slice_id"][i], "category": batch["category"][i], "seconds": seconds}
+            row.update({k: float(v[i]) for k, v in values.items()})
+            self.rows.append(row)
+            wanted = self.example_slice or (self.rows[0]["slice_id"] if self.rows else None)
+            if self.example is None and batch["slice_id"][i] == wanted:
+                self.example = {"slice_id": wanted, "ma_image": batch["ma_image"][i, 0].cpu().numpy(),
+                                "prediction": outputs[i, 0].cpu().numpy(),
+                                "gt_image": batch["gt_image"][i, 0].cpu().numpy()}
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        rows, examples = self.rows, [self.example]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, (self.rows, self.example))
+            rows = [r for part, _ in gathered for r in part]
+            examples = [e for _, e in gathered]
+        if trainer.global_rank != 0:
+            return
+        frame = pd.DataFrame(rows).drop_duplicates("slice_id", keep="first").sort_values("slice_id")
+        dm = trainer.datamodule
+        card = pl_module.card.to_dict()
+        elapsed = time.perf_counter() - self._t0
+        data = {"name": self.dataset, "root": str(getattr(dm, "root", "")),
+                "split": str(getattr(dm, "split_path", "")), "split_sha256": getattr(dm, "split_sha256", None),
+                "data_manifest_sha256": _manifest_sha(getattr(dm, "root", None)), "slices": int(len(frame))}
+        timing = {"evaluation_s": elapsed, "seconds_per_slice_mean": float(frame["seconds"].mean())}
+        for p in self.protocols:
+            cols = [c for c in frame.columns if c.startswith(p.name + "/")]
+            sub = frame[["slice_id", "category", "seconds", *cols]].rename(columns=lambda c: c.split("/", 1)[-1])
+            names = [c.split("/", 1)[1] for c in cols]
+            record = {
+                "record_version": RECORD_VERSION, "method": card, "dataset": data, "seed": self.seed,
+                "protocol": {**p.to_dict(), "directions": p.directions},
+                "metrics": aggregate(sub, names + ["seconds"]),
+                "slices": sub.to_dict(orient="records"),
+                "manifest": manifest(self.config, self.seed, str(pl_module.device), world, timing),
+            }
+            self.written.append(write_record(self.out_dir, record))
+        example = next((e for e in examples if e is not None), None)
+        if example is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.out_dir / f"{self.dataset}__{card['name']}__example.npz"
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, **{k: (v.astype(np.float16) if isinstance(v, np.ndarray) else v)
+                                        for k, v in example.items()})
+            tmp.replace(path)
+
+
+def _manifest_sha(root) -> str | None:
+    if root is None or not (Path(root) / "manifest.json").is_file():
+        return None
+    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
+
+
+def evaluate(method: MARMethod, datamodule: L.LightningDataModule, protocols: list[str], dataset: str,
+             out_dir: str = "leaderboards/results", seed: int = 0, config: dict | None = None,
+             accelerator: str = "cpu", devices: int | str = 1, strategy: str = "auto") -> list[Path]:
+    """Run ``method`` over ``datamodule``'s test split and write one record per protocol; returns their paths."""
+    evaluator = Evaluator(protocols, dataset, out_dir, seed, config)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
+                        enable_checkpointing=False, callbacks=[evaluator], enable_progress_bar=True,
+                        enable_model_summary=False)
+    trainer.test(method, datamodule=datamodule, verbose=False)
+    return evaluator.written

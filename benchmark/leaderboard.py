@@ -1,0 +1,218 @@
+"""Leaderboards: merge result records into tables and figures under ``leaderboards/``.
+
+For every (dataset, protocol) the records of all methods (and seeds) are merged into one table: a row per
+method, a column per metric ``mean +- std`` over slices, the best value in bold, an arrow for the direction
+(higher or lower is better), and the records' split hash and protocol version in the caption. Records whose
+split hash or protocol version differ are refused, naming both. Also: per-category tables, a bar chart per
+metric, a qualitative panel (input, each method, target, absolute error maps underneath; Emirdagi et al.
+Fig. 2 style) and ``index.html``. Every file is written to a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from marbench.evaluation.records import read_record
+
+__all__ = ["build_leaderboards", "check_leaderboards", "merge_records", "TABLE_NAME"]
+
+TABLE_NAME = "{dataset}__{protocol}"
+_ORDER_FIRST = ("uncorrected",)
+
+
+def _write_atomic(path: Path, text: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+    os.replace(tmp, path)
+
+
+def merge_records(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Group records by (dataset, protocol), refusing mixed split hashes or protocol versions.
+
+    Raises:
+        ValueError: two records of one (dataset, protocol) with different ``split_sha256`` or protocol
+            ``version`` (the message names both records).
+    """
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"]["name"], r["protocol"]["name"])].append(r)
+    for key, rs in groups.items():
+        first = rs[0]
+        for r in rs[1:]:
+            for label, get in (("split sha256", lambda x: x["dataset"].get("split_sha256")),
+                               ("protocol version", lambda x: x["protocol"]["version"])):
+                if get(r) != get(first):
+                    raise ValueError(f"cannot merge {key}: {r['_path']} has {label} {get(r)!r} but "
+                                     f"{first['_path']} has {get(first)!r}")
+    return dict(groups)
+
+
+def _method_order(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: (n not in _ORDER_FIRST, n))
+
+
+def _table(records: list[dict], scope: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, bool]]:
+    """(display table, numeric means, directions) for overall (``scope=None``) or one category."""
+    directions = dict(records[0]["protocol"]["directions"])
+    metrics = list(directions)
+    means: dict[str, dict] = {}
+    stds: dict[str, dict] = {}
+    for r in records:
+        block = r["metrics"]["overall"] if scope is None else r["metrics"]["per_category"].get(scope)
+        if block is None:
+            continue
+        name = r["method"]["name"] + ("" if r["seed"] == 0 else f" (seed {r['seed']})")
+        means[name] = {m: block[m]["mean"] for m in metrics}
+        stds[name] = {m: block[m]["std"] for m in metrics}
+        means[name]["s/slice"] = block["seconds"]["mean"]
+    order = _method_order(list(means))
+    mean_df = pd.DataFrame(means).T.loc[order]
+    display = pd.DataFrame(index=order)
+    for m in metrics:
+        best = mean_df[m].idxmax() if directions[m] else mean_df[m].idxmin()
+        digits = 4 if "ssim" in m else 2
+        col = f"{m} {'↑' if directions[m] else '↓'}"
+        display[col] = [("**{:.{d}f} ± {:.{d}f}**" if n == best else "{:.{d}f} ± {:.{d}f}").format(
+            mean_df.loc[n, m], stds[n][m], d=digits) for n in order]
+    display["s/slice"] = [f"{mean_df.loc[n, 's/slice']:.3f}" for n in order]
+    display.index.name = "method"
+    return display, mean_df, directions
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = [df.index.name or "", *df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join([str(i), *[str(v) for v in row]]) + " |" for i, row in zip(df.index, df.values,
+                                                                                          strict=True)]
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(mean_df: pd.DataFrame, directions: dict[str, bool], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(directions)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
+    for ax, m in zip(np.atleast_1d(axes), metrics, strict=True):
+        ax.bar(mean_df.index, mean_df[m], color="tab:blue")
+        ax.set_title(f"{m} ({'higher' if directions[m] else 'lower'} is better)", fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _panel(results: Path, dataset: str, methods: list[str], path: Path) -> bool:
+    """Input, each method, target; absolute error maps underneath (display window [-500, 1300] HU)."""
+    examples = {m: results / f"{dataset}__{m}__example.npz" for m in methods}
+    examples = {m: np.load(p) for m, p in examples.items() if p.is_file()}
+    if not examples:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(examples.values()))
+    same = {m: e for m, e in examples.items() if str(e["slice_id"]) == str(first["slice_id"])}
+    cols = [("input", first["ma_image"])] + [(m, e["prediction"]) for m, e in same.items()] + \
+        [("target", first["gt_image"])]
+    gt = first["gt_image"].astype(np.float32)
+    fig, axes = plt.subplots(2, len(cols), figsize=(2.2 * len(cols), 4.6))
+    for j, (name, img) in enumerate(cols):
+        img = img.astype(np.float32)
+        axes[0, j].imshow(np.clip(img, -500, 1300), cmap="gray", vmin=-500, vmax=1300)
+        axes[0, j].set_title(name, fontsize=8)
+        axes[1, j].imshow(np.abs(img - gt), cmap="inferno", vmin=0, vmax=300)
+        for a in axes[:, j]:
+            a.axis("off")
+    fig.suptitle(f"{dataset}: slice {first['slice_id']} (top: [-500, 1300] HU; bottom: |error| 0-300 HU)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool = True) -> list[Path]:
+    """Rebuild every table (and, with ``figures``, the charts, panels and ``index.html``) from
+    ``<root>/results/*.json``; returns the written paths.
+
+    Raises:
+        ValueError: an unreadable record or records that cannot be merged.
+    """
+    root = Path(root)
+    records = []
+    for path in sorted((root / "results").glob("*.json")):
+        r = read_record(path)
+        r["_path"] = path.name
+        records.append(r)
+    written: list[Path] = []
+    sections = []
+    for (dataset, protocol), rs in sorted(merge_records(records).items()):
+        stem = TABLE_NAME.format(dataset=dataset, protocol=protocol)
+        display, means, directions = _table(rs)
+        r0 = rs[0]
+        caption = (f"**{dataset}**, protocol `{protocol}` v{r0['protocol']['version']}, "
+                   f"{r0['dataset']['slices']} test slices, split sha256 `{str(r0['dataset']['split_sha256'])[:12]}`; "
+                   "mean ± std over slices, best in bold.\n\n")
+        categories = sorted({c for r in rs for c in r["metrics"]["per_category"]})
+        per_cat = []
+        for c in categories:
+            d, _, _ = _table(rs, c)
+            per_cat.append(f"\n#### {c}\n\n" + _markdown(d))
+        md = f"### {dataset} / {protocol}\n\n" + caption + _markdown(display) + "\n<details><summary>per category" \
+             "</summary>\n" + "".join(per_cat) + "\n</details>\n"
+        for path, text in ((root / f"{stem}.md", md), (root / f"{stem}.csv", means.to_csv(float_format="%.6g"))):
+            _write_atomic(path, text)
+            written.append(path)
+        sections.append((stem, md, display))
+        if figures:
+            chart = root / "figures" / f"{stem}.png"
+            _bar_chart(means, directions, f"{dataset} / {protocol}", chart)
+            written.append(chart)
+    if figures:
+        for dataset in sorted({r["dataset"]["name"] for r in records}):
+            panel = root / "figures" / f"{dataset}__panel.png"
+            methods = _method_order(sorted({r["method"]["name"] for r in records if r["dataset"]["name"] == dataset}))
+            if _panel(root / "results", dataset, methods, panel):
+                written.append(panel)
+        body = "".join(f"<h2>{html.escape(stem)}</h2>{d.to_html(escape=True)}"
+                       f"<img src='figures/{html.escape(stem)}.png'>" for stem, _, d in sections)
+        page = f"<!doctype html><meta charset='utf-8'><title>marbench leaderboard</title><h1>marbench</h1>{body}"
+        _write_atomic(root / "index.html", page)
+        written.append(root / "index.html")
+    return written
+
+
+def check_leaderboards(root: str | os.PathLike = "leaderboards") -> list[str]:
+    """Regenerate the tables from ``<root>/results`` in a temporary folder and compare them with the committed
+    ``<root>/*.md`` and ``*.csv``; returns the differences (empty when the committed tables are current)."""
+    import shutil
+
+    root = Path(root)
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(root / "results", Path(tmp) / "results")
+        build_leaderboards(tmp, figures=False)
+        fresh = {p.name: p.read_bytes() for p in Path(tmp).glob("*") if p.suffix in (".md", ".csv")}
+    committed = {p.name: p.read_bytes() for p in root.glob("*") if p.suffix in (".md", ".csv")}
+    for name in sorted(set(fresh) | set(committed)):
+        if name not in committed:
+            problems.append(f"{root / name}: missing (regenerated from the records)")
+        elif name not in fresh:
+            problems.append(f"{root / name}: committed but no record produces it")
+        elif fresh[name] != committed[name]:
+            problems.append(f"{root / name}: differs from the table regenerated from the records")
+    return problems
