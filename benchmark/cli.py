@@ -1,7 +1,8 @@
 """The ``marbench`` command line.
 
-``marbench simulate``, ``splits editmar``, ``list``, ``bench``, ``leaderboard``; ``fit``, ``validate``, ``test``
-and ``predict`` are LightningCLI subcommands (``marbench test --config configs/bench/li.yaml``).
+``marbench simulate``, ``splits editmar``, ``list``, ``weights``, ``bench``, ``leaderboard``; ``fit``,
+``validate``, ``test`` and ``predict`` are LightningCLI subcommands
+(``marbench test --config configs/bench/li.yaml``).
 """
 from __future__ import annotations
 
@@ -76,6 +77,15 @@ def _leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(args: argparse.Namespace) -> int:
+    from marbench.evaluation.weights import status, weights_dir
+
+    print(f"weight files in {weights_dir()} (set MARBENCH_WEIGHTS to change):")
+    for name, filename, state in status():
+        print(f"  {name:22s} {filename:45s} {state}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marbench", description="Benchmark suite for CT metal artifact reduction",
                                      epilog="fit | validate | test | predict --config FILE: LightningCLI subcommands")
@@ -95,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     editmar.add_argument("--seed", type=int, default=0)
     editmar.set_defaults(func=_splits_editmar)
     sub.add_parser("list", help="registered methods, their papers and inputs").set_defaults(func=_list)
+    sub.add_parser("weights", help="feature-backbone weight files: present and verified?").set_defaults(func=_weights)
     bench = sub.add_parser("bench", help="simulate, train, evaluate every config, rebuild the leaderboard")
     bench.add_argument("configs", nargs="*", help="configs to run (default: configs/bench/*.yaml)")
     bench.add_argument("--data", default="data/smoke")

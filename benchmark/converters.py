@@ -6,6 +6,7 @@ really use the same one (e.g. ADN: attenuation clipped to [0, 0.5] then [-1, 1];
 from __future__ import annotations
 
 import torch
+
 from marbench.physics.units import hu_to_mu, mu_to_hu
 
 __all__ = ["hu_to_mu", "mu_to_hu", "window", "unwindow", "hu_to_unit", "unit_to_hu"]

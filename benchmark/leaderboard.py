@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from marbench.evaluation.records import read_record
+from marbench.evaluation.statistics import bootstrap_ci, paired_wilcoxon
 
 __all__ = ["build_leaderboards", "check_leaderboards", "merge_records", "TABLE_NAME"]
 
@@ -58,32 +60,55 @@ def _method_order(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (n not in _ORDER_FIRST, n))
 
 
-def _table(records: list[dict], scope: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, bool]]:
-    """(display table, numeric means, directions) for overall (``scope=None``) or one category."""
+def _slice_values(record: dict, metric: str, scope: str | None) -> pd.Series:
+    rows = [r for r in record["slices"] if scope is None or r["category"] == scope]
+    return pd.Series({r["slice_id"]: r[metric] for r in rows}, dtype=float).sort_index()
+
+
+def _table(records: list[dict], scope: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame,
+                                                                   dict[str, bool]]:
+    """(display table, numeric table, Wilcoxon table, directions) for overall (``scope=None``) or a category.
+
+    The numeric table has, per metric, the mean, std and 95 % bootstrap interval over slices; the Wilcoxon
+    table the paired p-value of each method against the best one on the same slices.
+    """
     directions = dict(records[0]["protocol"]["directions"])
     metrics = list(directions)
-    means: dict[str, dict] = {}
-    stds: dict[str, dict] = {}
+    by_name = {}
     for r in records:
-        block = r["metrics"]["overall"] if scope is None else r["metrics"]["per_category"].get(scope)
-        if block is None:
+        if scope is not None and scope not in r["metrics"]["per_category"]:
             continue
-        name = r["method"]["name"] + ("" if r["seed"] == 0 else f" (seed {r['seed']})")
-        means[name] = {m: block[m]["mean"] for m in metrics}
-        stds[name] = {m: block[m]["std"] for m in metrics}
-        means[name]["s/slice"] = block["seconds"]["mean"]
-    order = _method_order(list(means))
-    mean_df = pd.DataFrame(means).T.loc[order]
+        by_name[r["method"]["name"] + ("" if r["seed"] == 0 else f" (seed {r['seed']})")] = r
+    order = _method_order(list(by_name))
+    numeric = pd.DataFrame(index=order)
+    pvalues = pd.DataFrame(index=order)
     display = pd.DataFrame(index=order)
     for m in metrics:
-        best = mean_df[m].idxmax() if directions[m] else mean_df[m].idxmin()
+        values = {n: _slice_values(by_name[n], m, scope) for n in order}
+        numeric[m] = [float(values[n].mean()) for n in order]
+        numeric[f"{m}_std"] = [float(values[n].std(ddof=0)) for n in order]
+        cis = [bootstrap_ci(values[n].to_numpy()) for n in order]
+        numeric[f"{m}_ci_low"], numeric[f"{m}_ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
+        best = numeric[m].idxmax() if directions[m] else numeric[m].idxmin()
+        pvalues[m] = [float("nan") if n == best else paired_wilcoxon(*values[n].align(values[best], join="inner"))
+                      for n in order]
         digits = 4 if "ssim" in m else 2
-        col = f"{m} {'↑' if directions[m] else '↓'}"
-        display[col] = [("**{:.{d}f} ± {:.{d}f}**" if n == best else "{:.{d}f} ± {:.{d}f}").format(
-            mean_df.loc[n, m], stds[n][m], d=digits) for n in order]
-    display["s/slice"] = [f"{mean_df.loc[n, 's/slice']:.3f}" for n in order]
-    display.index.name = "method"
-    return display, mean_df, directions
+        cells = []
+        for n, (lo, hi) in zip(order, cis, strict=True):
+            cell = f"{numeric.loc[n, m]:.{digits}f} ± {numeric.loc[n, f'{m}_std']:.{digits}f}"
+            cell = f"**{cell}**" if n == best else cell
+            cells.append(f"{cell} [{lo:.{digits}f}, {hi:.{digits}f}]")
+        display[f"{m} {'↑' if directions[m] else '↓'}"] = cells
+    numeric["s/slice"] = [float(_slice_values(by_name[n], "seconds", scope).mean()) for n in order]
+    display["s/slice"] = [f"{v:.3f}" for v in numeric["s/slice"]]
+    for df in (display, numeric, pvalues):
+        df.index.name = "method"
+    return display, numeric, pvalues, directions
+
+
+def _pvalue_markdown(pvalues: pd.DataFrame) -> str:
+    shown = pvalues.map(lambda p: "best" if np.isnan(p) else f"{p:.3g}")
+    return _markdown(shown)
 
 
 def _markdown(df: pd.DataFrame) -> str:
@@ -162,19 +187,22 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
     sections = []
     for (dataset, protocol), rs in sorted(merge_records(records).items()):
         stem = TABLE_NAME.format(dataset=dataset, protocol=protocol)
-        display, means, directions = _table(rs)
+        display, means, pvalues, directions = _table(rs)
         r0 = rs[0]
         caption = (f"**{dataset}**, protocol `{protocol}` v{r0['protocol']['version']}, "
                    f"{r0['dataset']['slices']} test slices, split sha256 `{str(r0['dataset']['split_sha256'])[:12]}`; "
-                   "mean ± std over slices, best in bold.\n\n")
+                   "mean ± std over slices [95 % bootstrap interval of the mean], best in bold.\n\n")
         categories = sorted({c for r in rs for c in r["metrics"]["per_category"]})
         per_cat = []
         for c in categories:
-            d, _, _ = _table(rs, c)
+            d, _, _, _ = _table(rs, c)
             per_cat.append(f"\n#### {c}\n\n" + _markdown(d))
-        md = f"### {dataset} / {protocol}\n\n" + caption + _markdown(display) + "\n<details><summary>per category" \
-             "</summary>\n" + "".join(per_cat) + "\n</details>\n"
-        for path, text in ((root / f"{stem}.md", md), (root / f"{stem}.csv", means.to_csv(float_format="%.6g"))):
+        md = (f"### {dataset} / {protocol}\n\n" + caption + _markdown(display)
+              + "\nPaired Wilcoxon signed-rank p-value against the best method (same slices):\n\n"
+              + _pvalue_markdown(pvalues)
+              + "\n<details><summary>per category</summary>\n" + "".join(per_cat) + "\n</details>\n")
+        csv_table = means.join(pvalues.add_suffix("_p_vs_best"))
+        for path, text in ((root / f"{stem}.md", md), (root / f"{stem}.csv", csv_table.to_csv(float_format="%.6g"))):
             _write_atomic(path, text)
             written.append(path)
         sections.append((stem, md, display))

@@ -10,6 +10,7 @@ import json
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
 from marbench.evaluation.evaluator import Evaluator
 from marbench.method import MARMethod
 

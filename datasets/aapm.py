@@ -24,9 +24,10 @@ from typing import Iterable, Sequence
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
+
 from marbench.physics import Geometry, Projector, li_correction, mu_to_hu, preset
 from marbench.physics.backends import default_cache_dir
-from torch.utils.data import DataLoader, Dataset
 
 from .aapm_format import ANATOMIES, AAPMCase, case_files, discover_cases, read_raw, write_raw
 from .splits import read_split

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from marbench.physics import Geometry
 
 __all__ = ["ANATOMIES", "AAPMCase", "case_files", "read_raw", "write_raw", "write_json_atomic", "discover_cases"]

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from marbench.physics import Projector, preset
 from torch.utils.data import DataLoader, Dataset
+
+from marbench.physics import Projector, preset
 
 from .aapm_format import read_raw
 

@@ -27,8 +27,9 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from marbench.physics import Projector, mu_to_hu, preset
 from torch.utils.data import DataLoader, Dataset
+
+from marbench.physics import Projector, mu_to_hu, preset
 
 __all__ = ["SynDeepLesionDataset", "SynDeepLesionDataModule", "read_h5"]
 

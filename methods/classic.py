@@ -7,6 +7,7 @@ asks for images that still contain the metal.
 from __future__ import annotations
 
 import torch
+
 from marbench.method import MARMethod, MethodCard
 from marbench.physics import Projector, mu_to_hu, nmar_correction
 from marbench.registry import register

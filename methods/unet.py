@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from marbench.converters import hu_to_unit, unit_to_hu
 from marbench.method import MARMethod, MethodCard
 from marbench.registry import register

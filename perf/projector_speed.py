@@ -21,6 +21,7 @@ BATCH = 8
 def _case(name: str) -> dict:
     import numpy as np
     import torch
+
     from marbench.physics import Projector, preset
 
     g = preset("aapm_body")

@@ -18,6 +18,7 @@ def main() -> None:
     parser.add_argument("--preset", default="aapm")
     args = parser.parse_args()
     import torch
+
     from marbench.datasets.synthetic import PRESETS, generate
     from marbench.physics import Projector, preset
 

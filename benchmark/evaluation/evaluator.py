@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+
 from marbench.method import MARMethod
 
 from .protocols import get_protocol

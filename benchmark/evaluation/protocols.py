@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from marbench.converters import hu_to_mu, window
 from scipy.ndimage import binary_fill_holes
+
+from marbench.converters import hu_to_mu, window
 
 from .metrics import PSNR, RMSE, SSIM, SliceMetric
 

@@ -39,7 +39,8 @@ def manifest(config: dict | None, seed: int, device: str, world_size: int, timin
             packages[name] = version(name)
         except PackageNotFoundError:
             packages[name] = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # the code and configs that made the run; the leaderboard outputs a bench run writes do not count
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)leaderboards")
     return {
         "git_sha": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from marbench.physics import Geometry
 
 from .tissues import TISSUES

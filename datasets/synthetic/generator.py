@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from marbench.physics import Projector, SimulationConfig, preset, simulate_scan
 from marbench.physics.spectrum import MATERIALS, effective_energy_kev
-from tqdm import tqdm
 
 from ..aapm_format import AAPMCase, case_files, write_json_atomic, write_raw
 from ..aapm_format import _atomic_write as atomic_write_bytes

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from marbench.physics import Geometry
 from marbench.physics import metal_masks as mm
 

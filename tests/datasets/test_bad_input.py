@@ -4,6 +4,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+
 from marbench.datasets.aapm import AAPMCTMARDataModule, AAPMCTMARDataset
 from marbench.datasets.aapm_format import AAPMCase, case_files, read_raw, write_raw
 from marbench.datasets.splits import read_split

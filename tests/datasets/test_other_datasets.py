@@ -3,6 +3,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
 from marbench.datasets.aapm_format import write_raw
 from marbench.datasets.scoring import AAPMScoringDataModule
 from marbench.datasets.splits import make_editmar_split, read_category_csv, read_split

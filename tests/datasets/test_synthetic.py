@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from marbench.datasets.aapm import AAPMCTMARDataModule
 from marbench.datasets.aapm_format import AAPMCase, case_files, read_raw
 from marbench.datasets.splits import read_split

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from marbench.datasets.aapm import AAPMCTMARDataModule
 from marbench.evaluation.evaluator import evaluate
 from marbench.evaluation.records import read_record
@@ -36,6 +37,10 @@ def test_tables_mark_the_best_and_directions(board):
     assert "rmse_hu ↓" in md and "psnr ↑" in md
     li_row = next(line for line in md.splitlines() if line.startswith("| li "))
     assert li_row.count("**") == 6  # li beats the uncorrected input on all three metrics
+    assert li_row.count("[") == 3  # a bootstrap interval per metric
+    assert "Paired Wilcoxon" in md
+    csv = (board / "tiny__aapm-hu.csv").read_text().splitlines()[0]
+    assert "rmse_hu_ci_low" in csv and "rmse_hu_p_vs_best" in csv
     assert (board / "tiny__editmar.csv").is_file() and (board / "figures" / "tiny__panel.png").is_file()
     assert (board / "index.html").read_text().startswith("<!doctype html>")
 

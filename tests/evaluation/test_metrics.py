@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from marbench.evaluation.metrics import PSNR, RMSE, SSIM, psnr, rmse, ssim
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from marbench.evaluation.metrics import PSNR, RMSE, SSIM, psnr, rmse, ssim
 
 
 def _pair(seed=0, shape=(64, 80)):

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from marbench.evaluation.protocols import PROTOCOLS, get_protocol
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from marbench.evaluation.protocols import PROTOCOLS, get_protocol
 
 
 def _batch(gt, metal, anatomy="body", fov=400.0):

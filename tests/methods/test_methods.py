@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from marbench.datasets.aapm import AAPMCTMARDataModule
 from marbench.method import MARMethod, MethodCard
 from marbench.methods.classic import LinearInterpolation, NormalizedMAR, Uncorrected

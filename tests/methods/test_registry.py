@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 import torch
+
 from marbench.method import MARMethod
 from marbench.registry import available_methods, get_method, register
 

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+
 from marbench.physics import FanBeamGeometry, ParallelBeamGeometry, preset
 from marbench.physics.geometry import PRESETS
 

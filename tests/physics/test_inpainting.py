@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
+
 from marbench.physics import (
     Projector,
     SimulationConfig,
@@ -13,7 +15,6 @@ from marbench.physics import (
     simulate_scan,
 )
 from marbench.physics.metal_masks import _ellipse
-from scipy.ndimage import gaussian_filter
 
 
 def test_li_is_exact_on_a_sinogram_linear_across_the_trace():

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+
 from marbench.physics import preset
 from marbench.physics.metal_masks import (
     dental_fillings,

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from marbench.physics import FanBeamGeometry, ParallelBeamGeometry, Projector, preset
 
 from .phantoms import ellipses_mu

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from marbench.physics import Projector, SimulationConfig, preset, simulate_scan
 from marbench.physics.simulation import apply_polynomial, water_bhc_coefficients
 from marbench.physics.spectrum import MATERIALS, effective_energy_kev, tube_spectrum
