@@ -23,8 +23,8 @@ def _simulate(args: argparse.Namespace) -> int:
 def _splits_editmar(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from marbench.datasets.aapm_format import _atomic_write
     from marbench.datasets.splits import make_editmar_split, read_category_csv, write_split
+    from marbench.files import atomic_write
 
     test, train, pools = make_editmar_split(read_category_csv(args.categories), test_size=args.test_size,
                                             train_sizes=tuple(args.train_sizes), seed=args.seed)
@@ -36,7 +36,7 @@ def _splits_editmar(args: argparse.Namespace) -> int:
         print(f"{out / f'editmar_n{n}.txt'}: train {len(rows)}, test {len(test)} (sha256 {sha[:12]})")
     lines = ["# CT-EditMAR reference pools: <test case> <metal-free references: same category, other patients>"]
     lines += [f"{cid} {' '.join(refs)}" for cid, refs in pools.items()]
-    _atomic_write(out / "editmar_references.txt", ("\n".join(lines) + "\n").encode())
+    atomic_write(out / "editmar_references.txt", "\n".join(lines) + "\n")
     return 0
 
 

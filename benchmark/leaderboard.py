@@ -20,19 +20,12 @@ import pandas as pd
 
 from marbench.evaluation.records import read_record
 from marbench.evaluation.statistics import bootstrap_ci, paired_wilcoxon
+from marbench.files import atomic_write
 
 __all__ = ["build_leaderboards", "check_leaderboards", "merge_records", "TABLE_NAME"]
 
 TABLE_NAME = "{dataset}__{protocol}"
 _ORDER_FIRST = ("uncorrected",)
-
-
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
 
 
 def merge_records(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -203,7 +196,7 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
               + "\n<details><summary>per category</summary>\n" + "".join(per_cat) + "\n</details>\n")
         csv_table = means.join(pvalues.add_suffix("_p_vs_best"))
         for path, text in ((root / f"{stem}.md", md), (root / f"{stem}.csv", csv_table.to_csv(float_format="%.6g"))):
-            _write_atomic(path, text)
+            atomic_write(path, text)
             written.append(path)
         sections.append((stem, md, display))
         if figures:
@@ -219,7 +212,7 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
         body = "".join(f"<h2>{html.escape(stem)}</h2>{d.to_html(escape=True)}"
                        f"<img src='figures/{html.escape(stem)}.png'>" for stem, _, d in sections)
         page = f"<!doctype html><meta charset='utf-8'><title>marbench leaderboard</title><h1>marbench</h1>{body}"
-        _write_atomic(root / "index.html", page)
+        atomic_write(root / "index.html", page)
         written.append(root / "index.html")
     return written
 

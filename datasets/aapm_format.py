@@ -16,18 +16,17 @@ benchmark (e.g. ``256x256x1``, ``450x500``) keeps the same layout and is read by
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from marbench.files import atomic_write
 from marbench.physics import Geometry
 
-__all__ = ["ANATOMIES", "AAPMCase", "case_files", "read_raw", "write_raw", "write_json_atomic", "discover_cases"]
+__all__ = ["ANATOMIES", "AAPMCase", "case_files", "read_raw", "write_raw", "discover_cases"]
 
 ANATOMIES = ("body", "head")
 IMAGE_KEYS = ("gt_image", "ma_image", "metal_only_image")
@@ -92,26 +91,9 @@ def read_raw(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
     return data
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_raw(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` as headerless little-endian float32, atomically (temporary name, then rename)."""
-    _atomic_write(Path(path), np.ascontiguousarray(array, dtype="<f4").tobytes())
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    _atomic_write(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, np.ascontiguousarray(array, dtype="<f4").tobytes())
 
 
 def discover_cases(root: str | os.PathLike, anatomy: str, geometry: Geometry) -> list[AAPMCase]:

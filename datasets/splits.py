@@ -59,13 +59,13 @@ def read_split(path: str | os.PathLike) -> Split:
 
 def write_split(path: str | os.PathLike, cases: dict[str, list[tuple[str, str | None]]], header: str) -> str:
     """Write a split file atomically; returns its sha256."""
-    from .aapm_format import _atomic_write
+    from marbench.files import atomic_write
 
     lines = [f"# {line}" for line in header.splitlines()]
     for name, rows in cases.items():
         lines += [f"{name} {cid}" + (f" {cat}" if cat else "") for cid, cat in rows]
     payload = ("\n".join(lines) + "\n").encode()
-    _atomic_write(Path(path), payload)
+    atomic_write(path, payload)
     return hashlib.sha256(payload).hexdigest()
 
 

@@ -9,7 +9,7 @@ records atomically.
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from marbench.files import atomic_write, sha256_file
 from marbench.method import MARMethod
 
 from .protocols import get_protocol
@@ -125,18 +126,16 @@ class Evaluator(L.Callback):
             self.written.append(write_record(self.out_dir, record))
         example = next((e for e in examples if e is not None), None)
         if example is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            path = self.out_dir / f"{self.dataset}__{card['name']}__example.npz"
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez_compressed(tmp, **{k: (v.astype(np.float16) if isinstance(v, np.ndarray) else v)
-                                        for k, v in example.items()})
-            tmp.replace(path)
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **{k: (v.astype(np.float16) if isinstance(v, np.ndarray) else v)
+                                           for k, v in example.items()})
+            atomic_write(self.out_dir / f"{self.dataset}__{card['name']}__example.npz", buffer.getvalue())
 
 
 def _manifest_sha(root) -> str | None:
     if root is None or not (Path(root) / "manifest.json").is_file():
         return None
-    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
+    return sha256_file(Path(root) / "manifest.json")
 
 
 def evaluate(method: MARMethod, datamodule: L.LightningDataModule, protocols: list[str], dataset: str,

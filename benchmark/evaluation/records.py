@@ -7,9 +7,10 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from marbench.files import atomic_write_json
 
 __all__ = ["RECORD_VERSION", "REQUIRED_FIELDS", "record_name", "write_record", "read_record", "manifest"]
 
@@ -64,19 +65,9 @@ def write_record(directory: str | os.PathLike, record: dict) -> Path:
     missing = [f for f in REQUIRED_FIELDS if f not in record]
     if missing:
         raise ValueError(f"result record misses fields {missing}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / record_name(record["dataset"]["name"], record["method"]["name"], record["protocol"]["name"],
-                                   record["seed"])
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = Path(directory) / record_name(record["dataset"]["name"], record["method"]["name"],
+                                         record["protocol"]["name"], record["seed"])
+    atomic_write_json(path, record, indent=1)
     return path
 
 

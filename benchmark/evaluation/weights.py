@@ -8,12 +8,13 @@ weight file used.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WeightSpec", "WEIGHTS", "weights_dir", "resolve", "sha256_file", "status"]
+from marbench.files import sha256_file
+
+__all__ = ["WeightSpec", "WEIGHTS", "weights_dir", "resolve", "status"]
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,6 @@ WEIGHTS: dict[str, WeightSpec] = {w.name: w for w in (
 def weights_dir() -> Path:
     """``$MARBENCH_WEIGHTS`` or ``~/.cache/marbench/weights``."""
     return Path(os.environ.get("MARBENCH_WEIGHTS", Path.home() / ".cache" / "marbench" / "weights"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve(name: str) -> tuple[Path, str]:

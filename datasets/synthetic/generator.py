@@ -17,7 +17,6 @@ same bytes.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -27,11 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from marbench.files import atomic_write, atomic_write_json, sha256_file
 from marbench.physics import Projector, SimulationConfig, preset, simulate_scan
 from marbench.physics.spectrum import MATERIALS, effective_energy_kev
 
-from ..aapm_format import AAPMCase, case_files, write_json_atomic, write_raw
-from ..aapm_format import _atomic_write as atomic_write_bytes
+from ..aapm_format import AAPMCase, case_files, write_raw
 from .anatomy import ANATOMY_OF, CATEGORIES, render, sample_case
 from .implants import MetalObject, fractal_objects, sample_implants
 from .tissues import label_names
@@ -179,7 +178,7 @@ def _write_case(root: Path, job: Job, geometry, scan, i: int, labels: np.ndarray
             "level": job.level, "seed": seed, "noise_seed": noise_seed, "photon_starved_readings": starved,
             "metal_hu_image": "Mask/*metalonlymask*: HU of each object's material at the effective energy",
             "objects": [o.info(geometry) for o in objects]}
-    write_json_atomic(files["metal_info"], info)  # last: marks the case complete
+    atomic_write_json(files["metal_info"], info)  # last: marks the case complete
 
 
 def _batches(jobs: list[Job], size: int):
@@ -212,7 +211,7 @@ def split_text(preset_name: str, seed: int = 0) -> str:
 
 
 def _write_indexes(out: Path, p: SyntheticPreset, jobs: list[Job], seed: int) -> None:
-    atomic_write_bytes(out / "split.txt", split_text(p.name, seed).encode())
+    atomic_write(out / "split.txt", split_text(p.name, seed))
     tables = {
         "sweeps/quantity/sweep.csv": (["case_id", "category", "base_slice", "n_objects", "diameter_mm"],
                                       [[j.case.case_id, j.category, j.base, j.level, p.sweep_diameter_mm]
@@ -228,19 +227,11 @@ def _write_indexes(out: Path, p: SyntheticPreset, jobs: list[Job], seed: int) ->
     for rel, (header, rows) in tables.items():
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([header, *rows])
-        atomic_write_bytes(out / rel, buf.getvalue().encode())
+        atomic_write(out / rel, buf.getvalue())
     for root in ("sweeps/quantity", "sweeps/size", "stacks"):  # each is an AAPM-layout root of its own
         back = "../" * (root.count("/") + 1)
-        write_json_atomic(out / root / "manifest.json",
+        atomic_write_json(out / root / "manifest.json",
                           {"geometry_presets": p.geometry_presets, "generated_by": back + "manifest.json"})
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def generate(out: str | Path, preset_name: str = "smoke", seed: int = 0, limit: int | None = None,
@@ -270,7 +261,7 @@ def generate(out: str | Path, preset_name: str = "smoke", seed: int = 0, limit: 
             raise ValueError(f"{out}: holds a benchmark generated with {found}, expected {identity}; "
                              "use another folder or delete it")
     else:
-        write_json_atomic(stamp, identity)
+        atomic_write_json(stamp, identity)
     for stale in out.rglob("*.tmp"):  # temporaries of a run that was killed mid-write
         stale.unlink()
     jobs = plan_jobs(p)
@@ -316,7 +307,7 @@ def generate(out: str | Path, preset_name: str = "smoke", seed: int = 0, limit: 
         "tissue_labels": label_names(),
         "cases": {name: sum(j.kind == kind for j in jobs) for name, kind in (
             ("main", "main"), ("quantity_sweep", "quantity"), ("size_sweep", "size"), ("stack_slices", "stack"))},
-        "files": {str(f.relative_to(out)): _sha256(f) for f in files},
+        "files": {str(f.relative_to(out)): sha256_file(f) for f in files},
     }
-    write_json_atomic(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest)
     return manifest
