@@ -1,7 +1,7 @@
-"""Shared, tested input converters between HU and the ranges methods train in.
+"""Shared, tested converters between HU and the ranges methods and protocols work in.
 
 Every method converts inside itself with these functions, so two methods that claim the same convention
-really use the same one (e.g. ADN: attenuation clipped to [0, 0.5] then [-1, 1]; OSCNet: [0, 1] then x255).
+really use the same one (methods with their own published conventions add theirs here).
 """
 from __future__ import annotations
 
@@ -9,17 +9,12 @@ import torch
 
 from marbench.physics.units import hu_to_mu, mu_to_hu
 
-__all__ = ["hu_to_mu", "mu_to_hu", "window", "unwindow", "hu_to_unit", "unit_to_hu"]
+__all__ = ["hu_to_mu", "mu_to_hu", "window", "hu_to_unit", "unit_to_hu"]
 
 
 def window(hu: torch.Tensor, low_hu: float, high_hu: float) -> torch.Tensor:
     """Map the HU window ``[low_hu, high_hu]`` linearly to ``[0, 1]`` and clip (a display/metric window)."""
     return ((hu - low_hu) / (high_hu - low_hu)).clamp(0.0, 1.0)
-
-
-def unwindow(unit: torch.Tensor, low_hu: float, high_hu: float) -> torch.Tensor:
-    """Inverse of ``window`` inside the window."""
-    return unit * (high_hu - low_hu) + low_hu
 
 
 def hu_to_unit(hu: torch.Tensor) -> torch.Tensor:

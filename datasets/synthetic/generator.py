@@ -28,16 +28,17 @@ from tqdm import tqdm
 
 from marbench.files import atomic_write, atomic_write_json, sha256_file
 from marbench.physics import Projector, SimulationConfig, preset, simulate_scan
+from marbench.physics.metal_masks import fractal_shape
 from marbench.physics.spectrum import MATERIALS, effective_energy_kev
 
 from ..aapm_format import AAPMCase, case_files, write_raw
 from .anatomy import ANATOMY_OF, CATEGORIES, render, sample_case
-from .implants import MetalObject, fractal_objects, sample_implants
+from .implants import MetalObject, fractal_objects, host_centres, sample_implants
 from .tissues import label_names
 
 __all__ = ["GENERATOR_VERSION", "SyntheticPreset", "PRESETS", "generate", "plan_jobs", "split_text"]
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,10 @@ def _phantom_and_metal(job: Job, p: SyntheticPreset, seed: int, geometry) -> tup
     rng = _rng(seed, 1, job.base)
     spec = sample_case(job.category, rng)
     hu, labels = render(spec, geometry)
+    # every level of a sweep reuses the base slice's shapes, centres and orientations
     count = p.sweep_max_objects if job.kind == "quantity" else 1
-    from marbench.physics.metal_masks import fractal_shape
-
     shapes = [fractal_shape(rng) for _ in range(count)]
-    centres = [(o.info(geometry)["centre_mm"]) for o in
-               fractal_objects(geometry, labels, rng, count, p.sweep_diameter_mm, p.sweep_material, shapes)]
+    centres = host_centres(geometry, labels, rng, count)
     if job.kind == "quantity":
         objects = fractal_objects(geometry, labels, rng, job.level, p.sweep_diameter_mm, p.sweep_material,
                                   shapes[: job.level], centres[: job.level])

@@ -18,7 +18,7 @@ from marbench.physics import metal_masks as mm
 from .anatomy import CaseSpec, anchor
 from .tissues import TISSUES
 
-__all__ = ["MetalObject", "sample_implants", "fractal_objects", "AAPM_METALS"]
+__all__ = ["MetalObject", "sample_implants", "fractal_objects", "host_centres", "AAPM_METALS"]
 
 AAPM_METALS = ("amalgam", "stainless_steel", "copper", "cobalt_chrome", "titanium")
 _HOST = [TISSUES[n].label for n in ("fat", "muscle", "organ", "cancellous_bone", "cortical_bone", "brain")]
@@ -44,25 +44,24 @@ class MetalObject:
         }
 
 
+def host_centres(geometry: Geometry, labels: np.ndarray, rng: np.random.Generator, count: int) -> list:
+    """``count`` random soft-tissue or bone pixel centres ``(x, y)`` in mm (``labels``: tissue labels)."""
+    rows, cols = np.nonzero(np.isin(labels, _HOST))
+    c = (geometry.image_size - 1) / 2
+    picks = rng.integers(len(rows), size=count)
+    return [((cols[j] - c) * geometry.pixel_size_mm, (c - rows[j]) * geometry.pixel_size_mm) for j in picks]
+
+
 def fractal_objects(geometry: Geometry, labels: np.ndarray, rng: np.random.Generator, count: int,
                     diameters_mm, material: str, shapes=None, centres=None) -> list[MetalObject]:
-    """``count`` AAPM fractal shapes centred on random soft-tissue or bone pixels (``labels``); ``shapes`` and
-    ``centres`` may be given to reuse an object across a sweep."""
-    host = np.isin(labels, _HOST)
-    rows, cols = np.nonzero(host)
-    c = (geometry.image_size - 1) / 2
-    objects = []
-    for i in range(count):
-        shape = shapes[i] if shapes is not None else mm.fractal_shape(rng)
-        if centres is not None:
-            centre = centres[i]
-        else:
-            j = int(rng.integers(len(rows)))
-            centre = ((cols[j] - c) * geometry.pixel_size_mm, (c - rows[j]) * geometry.pixel_size_mm)
-        d = diameters_mm[i] if np.ndim(diameters_mm) else float(diameters_mm)
-        objects.append(MetalObject("fractal", material, mm.place_shape(shape, d, centre, geometry,
-                                                                      angle_rad=float(rng.uniform(0, 2 * math.pi)))))
-    return objects
+    """``count`` AAPM fractal shapes of ``diameters_mm`` (one value or one per object) centred on random
+    soft-tissue or bone pixels; ``shapes`` and ``centres`` may be given to reuse objects across a sweep."""
+    shapes = shapes if shapes is not None else [mm.fractal_shape(rng) for _ in range(count)]
+    centres = centres if centres is not None else host_centres(geometry, labels, rng, count)
+    diameters = np.broadcast_to(np.asarray(diameters_mm, dtype=float), (count,))
+    return [MetalObject("fractal", material, mm.place_shape(shapes[i], float(diameters[i]), centres[i], geometry,
+                                                            angle_rad=float(rng.uniform(0, 2 * math.pi))))
+            for i in range(count)]
 
 
 def _anatomical(spec: CaseSpec, geometry: Geometry, labels: np.ndarray, rng: np.random.Generator):
