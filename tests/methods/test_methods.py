@@ -81,11 +81,11 @@ def test_unet_starts_from_li_and_overfits_one_batch(tiny_batch):
     torch.testing.assert_close(model.predict_step(batch), li, rtol=0, atol=1e-3)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = float(model._loss(batch))
-    for _ in range(150):
+    for _ in range(300):
         opt.zero_grad()
         loss = model._loss(batch)
         loss.backward()
         opt.step()
-    # the remaining LI error is largely noise, which a small net cannot memorise in 150 steps: ask for a clear
-    # improvement over the LI starting point, which the zero-initialised head cannot fake
+    # the remaining LI error is largely noise, which a small net cannot memorise in 300 steps: ask for a clear
+    # improvement over the LI starting point (measured: 0.63 of it), which the zero-initialised head cannot fake
     assert float(model._loss(batch)) < 0.75 * first

@@ -1,0 +1,140 @@
+"""Perceptual metrics on CT images: LPIPS (VGG16, Zhang et al., CVPR 2018, through the ``lpips`` package),
+LPIPS-Rad and FID-Rad (RadImageNet ResNet50; Mei et al., Radiology: AI 2022), and the perceptual indicators
+PI_q / PI_s (DuDoCROP Eq. 18-19).
+
+Backbone weights come only from local files (``marbench.evaluation.weights``). With ``weights=None`` a
+backbone is randomly initialised (seeded): tests use that, and records made that way are marked
+``weights: random`` so the leaderboard never mixes them with real-weight records.
+
+RadImageNet conventions (MONAI ``RadImageNetPerceptualSimilarity`` and its realism tutorial): input in [0, 1],
+one channel repeated to three, RGB reordered to BGR, minus ``[0.406, 0.456, 0.485]``, layer4 features
+(2048 channels). LPIPS-Rad: features unit-normalised across channels, squared difference summed over
+channels, mean over space. FID-Rad: layer4 globally average-pooled to 2048-d, then the Frechet distance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+from .weights import resolve
+
+__all__ = ["RadImageNetFeatures", "lpips_rad", "LPIPSVGG", "frechet_distance", "perceptual_indicator"]
+
+
+class RadImageNetFeatures(nn.Module):
+    """RadImageNet ResNet50 trunk: ``(B, 1, H, W)`` images in [0, 1] -> layer4 ``(B, 2048, H/32, W/32)``
+    (``layer4``) or pooled ``(B, 2048)`` (``forward``, the FID-Rad features).
+
+    Args:
+        weights: a ``weights`` registry name (``radimagenet-resnet50``) or ``None`` for a seeded random init.
+
+    Raises:
+        FileNotFoundError / ValueError: as ``weights.resolve`` for a missing or mismatching file.
+    """
+
+    num_features = 2048
+    BGR_MEAN = (0.406, 0.456, 0.485)
+
+    def __init__(self, weights: str | None = "radimagenet-resnet50", seed: int = 0):
+        super().__init__()
+        import torchvision
+
+        torch.manual_seed(seed)
+        net = torchvision.models.resnet50(weights=None)
+        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                   net.layer4)
+        self.weights_sha256 = None
+        if weights is not None:
+            path, self.weights_sha256 = resolve(weights)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+            mapped = {f"{names.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in state.items()
+                      if k.split(".")[0] in names}
+            self.trunk.load_state_dict(mapped, strict=True)
+        self.register_buffer("mean", torch.tensor(self.BGR_MEAN).view(1, 3, 1, 1))
+        self.eval()
+
+    def layer4(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = x.repeat(1, 3, 1, 1)
+        bgr = rgb.flip(1)
+        return self.trunk(bgr - self.mean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(x).mean(dim=(2, 3))
+
+
+def lpips_rad(features: RadImageNetFeatures, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LPIPS-Rad per slice ``(B,)`` of ``(B, 1, H, W)`` images in [0, 1] (see the module docstring)."""
+    f1 = F.normalize(features.layer4(pred), dim=1, eps=1e-10)
+    f2 = F.normalize(features.layer4(target), dim=1, eps=1e-10)
+    return ((f1 - f2) ** 2).sum(1).mean(dim=(1, 2))
+
+
+class LPIPSVGG(nn.Module):
+    """LPIPS v0.1 with the VGG16 backbone: the ``lpips`` package's network and linear heads, its VGG16 trunk
+    loaded from the local torchvision file ``vgg16-397923af.pth`` (``weights=None``: seeded random trunk).
+
+    ``forward(pred, target)`` takes ``(B, 1, H, W)`` grayscale images in [0, 1] (already windowed by the
+    protocol), repeats them to three channels, maps to [-1, 1] and returns LPIPS per slice ``(B,)``.
+    """
+
+    _SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
+
+    def __init__(self, weights: str | None = "vgg16-lpips", seed: int = 0):
+        super().__init__()
+        import lpips
+
+        torch.manual_seed(seed)
+        self.model = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+        self.weights_sha256 = None
+        if weights is not None:
+            path, self.weights_sha256 = resolve(weights)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            mapped = {}
+            for s, (lo, hi) in enumerate(self._SLICES, start=1):
+                for i in range(lo, hi):
+                    for p in ("weight", "bias"):
+                        if f"features.{i}.{p}" in state:
+                            mapped[f"slice{s}.{i}.{p}"] = state[f"features.{i}.{p}"]
+            self.model.net.load_state_dict(mapped, strict=True)
+        self.eval()
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        def prep(x):
+            return x.repeat(1, 3, 1, 1) * 2 - 1
+
+        return self.model(prep(pred), prep(target)).flatten()
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance of two Gaussians ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` (Heusel et al. 2017)."""
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def perceptual_indicator(levels: list[list[tuple[float, float]]]) -> float:
+    """PI_q or PI_s (DuDoCROP Eq. 18-19) from per-slice sweeps.
+
+    Args:
+        levels: one list per base slice, ordered by increasing metal quantity (PI_q) or size (PI_s), of
+            ``(x, LP)`` with ``x`` the number of metal objects (PI_q) or the largest metal area (PI_s, mm^2)
+            and ``LP`` the level's local-plus-global LPIPS (Eq. 18: mean local LPIPS over the objects plus
+            the global LPIPS).
+    Returns:
+        The mean over slices and consecutive levels of ``(LP_j - LP_{j-1}) / (x_j - x_{j-1})``; lower is better.
+    Raises:
+        ValueError: a slice with fewer than two levels or a level that does not increase ``x``.
+    """
+    slopes = []
+    for i, sweep in enumerate(levels):
+        if len(sweep) < 2:
+            raise ValueError(f"sweep {i}: expected at least two levels, found {len(sweep)}")
+        for (x0, lp0), (x1, lp1) in zip(sweep[:-1], sweep[1:], strict=True):
+            if not x1 > x0:
+                raise ValueError(f"sweep {i}: levels must increase in metal quantity/size, found {x0} then {x1}")
+            slopes.append((lp1 - lp0) / (x1 - x0))
+    return float(np.mean(slopes))

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from marbench.evaluation.perceptual import (
+    LPIPSVGG,
+    RadImageNetFeatures,
+    frechet_distance,
+    lpips_rad,
+    perceptual_indicator,
+)
+
+
+def _images(seed=0, b=2, n=64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 1, n, n, generator=g)
+    return x, (x + 0.1 * torch.randn(b, 1, n, n, generator=g)).clamp(0, 1)
+
+
+def test_radimagenet_preprocessing_and_lpips_rad():
+    feats = RadImageNetFeatures(weights=None)
+    assert feats.weights_sha256 is None  # random backbone: a record made with it says so
+    x, y = _images()
+    assert feats.layer4(x).shape == (2, 2048, 2, 2) and feats(x).shape == (2, 2048)
+    # BGR mean subtraction on a repeated grey channel, as the RadImageNet convention asks
+    grey = torch.full((1, 1, 64, 64), 0.5)
+    expected = feats.trunk(torch.tensor([0.5 - 0.406, 0.5 - 0.456, 0.5 - 0.485]).view(1, 3, 1, 1).expand(1, 3, 64, 64))
+    torch.testing.assert_close(feats.layer4(grey), expected)
+    d = lpips_rad(feats, x, y)
+    assert d.shape == (2,) and (d > 0).all()
+    assert torch.allclose(lpips_rad(feats, x, x), torch.zeros(2), atol=1e-7)
+    f1 = torch.nn.functional.normalize(feats.layer4(x), dim=1)
+    f2 = torch.nn.functional.normalize(feats.layer4(y), dim=1)
+    torch.testing.assert_close(d, ((f1 - f2) ** 2).sum(1).mean((1, 2)))
+
+
+def test_lpips_equals_the_lpips_package_on_the_same_weights():
+    import lpips
+
+    ours = LPIPSVGG(weights=None, seed=3)
+    ref = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    ref.net.load_state_dict(ours.model.net.state_dict())
+    x, y = _images(1)
+    expected = ref(x.repeat(1, 3, 1, 1) * 2 - 1, y.repeat(1, 3, 1, 1) * 2 - 1).flatten()
+    torch.testing.assert_close(ours(x, y), expected, rtol=0, atol=1e-5)
+    assert float(ours(x, x).abs().max()) < 1e-6
+
+
+def test_frechet_distance_against_an_independent_computation():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (500, 8)), rng.normal(0.3, 1.2, (400, 8))
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # independent: tr(sqrt(S1 S2)) from the eigenvalues of sqrt(S1) S2 sqrt(S1)
+    r1 = linalg.sqrtm(s1).real
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-3)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_rad_through_torchmetrics_matches_the_formula():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    feats = RadImageNetFeatures(weights=None)
+    fid = FrechetInceptionDistance(feature=feats, normalize=True)
+    x, y = _images(2, b=6)
+    fid.update(x, real=True)
+    fid.update(y, real=False)
+    with torch.no_grad():
+        fx, fy = feats(x).double().numpy(), feats(y).double().numpy()
+    ref = frechet_distance(fx.mean(0), np.cov(fx, rowvar=False), fy.mean(0), np.cov(fy, rowvar=False))
+    assert float(fid.compute()) == pytest.approx(ref, rel=1e-3)
+
+
+def test_perceptual_indicator_is_the_mean_finite_difference_slope():
+    sweeps = [[(1, 0.10), (2, 0.16), (3, 0.20)], [(1, 0.05), (3, 0.15)]]
+    assert perceptual_indicator(sweeps) == pytest.approx(np.mean([0.06, 0.04, 0.05]))
+    with pytest.raises(ValueError, match="must increase"):
+        perceptual_indicator([[(2, 0.1), (2, 0.2)]])
+    with pytest.raises(ValueError, match="at least two levels"):
+        perceptual_indicator([[(1, 0.1)]])
