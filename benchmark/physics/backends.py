@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .geometry import Geometry
+from .interpolation import bilinear_sample, bilinear_sample_adjoint
 from .joseph import matrix_entries, sample_grid
 from .sparse_cache import CachedCSRPair, QuarterTurnOperator
 
@@ -74,8 +74,7 @@ class RaySamplingBackend:
         out = []
         for views in self._view_chunks(b, image.element_size()):
             grid, step = sample_grid(g, views, image.device, image.dtype)
-            samples = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            out.append((samples.sum(-1) * step)[0])
+            out.append((bilinear_sample(src, grid).sum(-1) * step)[0])
         return torch.cat(out, dim=1).reshape(b, g.n_views, g.n_channels)
 
     def bp(self, sinogram: torch.Tensor) -> torch.Tensor:
@@ -83,16 +82,11 @@ class RaySamplingBackend:
         b = sinogram.shape[0]
         flat = sinogram.reshape(b, -1)
         result = torch.zeros((b, g.image_size, g.image_size), dtype=sinogram.dtype, device=sinogram.device)
-        with torch.enable_grad():
-            for views in self._view_chunks(b, sinogram.element_size()):
-                grid, step = sample_grid(g, views, sinogram.device, sinogram.dtype)
-                probe = torch.zeros((1, b, g.image_size, g.image_size), dtype=sinogram.dtype,
-                                    device=sinogram.device, requires_grad=True)
-                samples = F.grid_sample(probe, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-                rays = flat[:, views.start * g.n_channels: views.stop * g.n_channels]
-                weight = (rays * step)[None, :, :, None].expand_as(samples)
-                (grad,) = torch.autograd.grad(samples, probe, weight)
-                result += grad[0]
+        for views in self._view_chunks(b, sinogram.element_size()):
+            grid, step = sample_grid(g, views, sinogram.device, sinogram.dtype)
+            rays = flat[:, views.start * g.n_channels: views.stop * g.n_channels]
+            weight = (rays * step)[None, :, :, None].expand(1, b, grid.shape[1], grid.shape[2])
+            result += bilinear_sample_adjoint(weight, grid, g.image_shape)[0]
         return result
 
 

@@ -23,9 +23,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
+from .interpolation import bilinear_sample, bilinear_sample_adjoint
 
 __all__ = ["FILTERS", "ramp_kernel", "filter_sinogram", "backprojection_samples", "backprojection_entries",
            "SampledBackprojection", "SparseBackprojection", "check_full_rotation"]
@@ -166,8 +166,7 @@ class SampledBackprojection:
         out = torch.zeros((b, g.image_size**2), dtype=q.dtype, device=q.device)
         for views in self._chunks(b, q.element_size()):
             grid, weight = self._grid(views, q.device, q.dtype)
-            out += (F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-                    * weight).sum(1)
+            out += (bilinear_sample(src, grid)[0] * weight).sum(1)
         return out.reshape(b, g.image_size, g.image_size)
 
     def adjoint(self, image: torch.Tensor) -> torch.Tensor:
@@ -175,14 +174,9 @@ class SampledBackprojection:
         b = image.shape[0]
         flat = image.reshape(b, 1, -1)
         out = torch.zeros((b, g.n_views, g.n_channels), dtype=image.dtype, device=image.device)
-        with torch.enable_grad():
-            for views in self._chunks(b, image.element_size()):
-                grid, weight = self._grid(views, image.device, image.dtype)
-                probe = torch.zeros((1, b, g.n_views, g.n_channels), dtype=image.dtype, device=image.device,
-                                    requires_grad=True)
-                samples = F.grid_sample(probe, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-                (grad,) = torch.autograd.grad(samples, probe, (flat * weight)[None])
-                out += grad[0]
+        for views in self._chunks(b, image.element_size()):
+            grid, weight = self._grid(views, image.device, image.dtype)
+            out += bilinear_sample_adjoint((flat * weight)[None], grid, g.sinogram_shape)[0]
         return out
 
 
