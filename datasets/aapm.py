@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from marbench.physics import Geometry, Projector, li_correction, mu_to_hu, preset
+from marbench.physics import Geometry, Projector, li_correction, metal_trace, mu_to_hu, preset
 from marbench.physics.backends import default_cache_dir
 
 from .aapm_format import ANATOMIES, AAPMCase, case_files, discover_cases, read_raw, write_raw
@@ -133,7 +133,7 @@ class AAPMCTMARDataset(Dataset):
             if "metal_mask" in need:
                 item["metal_mask"] = metal
             if need & {"metal_trace", "li_sinogram", "li_image"}:
-                trace = self.projector(case.anatomy).fp(metal[None].float())[0] > 0
+                trace = metal_trace(self.projector(case.anatomy), metal[None])[0]
                 if "metal_trace" in need:
                     item["metal_trace"] = trace
                 if need & {"li_sinogram", "li_image"}:

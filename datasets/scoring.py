@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from marbench.physics import Projector, preset
+from marbench.physics import Projector, metal_trace, preset
 
 from .aapm_format import read_raw
 
@@ -64,7 +64,7 @@ class AAPMScoringDataset(Dataset):
         if fov not in self._projectors:
             self._projectors[fov] = Projector(g)
         mask = image > self.metal_threshold_hu
-        trace = self._projectors[fov].fp(mask[None].float())[0] > 0
+        trace = metal_trace(self._projectors[fov], mask[None])[0]
         return {"ma_image": image, "ma_sinogram": sino, "metal_mask": mask, "metal_trace": trace,
                 "category": "scoring", "anatomy": f"fov{fov:g}", "slice_id": case, "fov_mm": fov}
 

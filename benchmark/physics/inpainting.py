@@ -20,13 +20,14 @@ __all__ = ["li_correction", "linear_interpolation", "metal_trace", "nmar_correct
 
 
 def metal_trace(projector: Projector, metal_mask: torch.Tensor) -> torch.Tensor:
-    """Metal trace ``fp(metal_mask) > 0``: bool ``(B, 1, V, C)`` from a bool ``(B, 1, N, N)`` metal mask.
+    """Metal trace ``fp(metal_mask) > 0``: bool ``(B, 1, V, C)`` from a bool ``(B, 1, N, N)`` metal mask
+    (projected through its few pixels only, ``Projector.fp_small_support``).
 
     Raises:
         ValueError: a mask that is not bool or not on the image grid.
     """
     check_mask(metal_mask, projector.geometry.image_shape, "metal_mask", "image")
-    return projector.fp(metal_mask.to(torch.float32)) > 0
+    return projector.fp_small_support(metal_mask.to(torch.float32)) > 0
 
 
 def linear_interpolation(sinogram: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
