@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .geometry import Geometry
-from .interpolation import bilinear_sample, bilinear_sample_adjoint
+from .interpolation import bilinear_sample, bilinear_sample_adjoint, view_chunks
 from .joseph import matrix_entries, sample_grid
 from .sparse_cache import CachedCSRPair, QuarterTurnOperator
 
@@ -63,9 +63,7 @@ class RaySamplingBackend:
         g = self.geometry
         # per sample: the batch's values, the float grid, and ~10 float64 temporaries of the ray geometry
         per_view = g.n_channels * g.image_size * (batch * itemsize + 2 * itemsize + 80)
-        step = max(1, min(g.n_views, self.chunk_bytes // per_view))
-        for start in range(0, g.n_views, step):
-            yield slice(start, min(start + step, g.n_views))
+        return view_chunks(g.n_views, per_view, self.chunk_bytes)
 
     def fp(self, image: torch.Tensor) -> torch.Tensor:
         g = self.geometry

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
-from .interpolation import bilinear_sample, bilinear_sample_adjoint
+from .interpolation import bilinear_sample, bilinear_sample_adjoint, view_chunks
 
 __all__ = ["FILTERS", "ramp_kernel", "filter_sinogram", "backprojection_samples", "backprojection_entries",
            "SampledBackprojection", "SparseBackprojection", "check_full_rotation"]
@@ -145,10 +145,9 @@ class SampledBackprojection:
 
     def _chunks(self, batch: int, itemsize: int):
         g = self.geometry
+        # per pixel and view: the batch's samples, grid and weight, and the float64 geometry temporaries
         per_view = g.image_size**2 * (batch * itemsize + 3 * itemsize + 64)
-        step = max(1, min(g.n_views, self.chunk_bytes // per_view))
-        for start in range(0, g.n_views, step):
-            yield slice(start, min(start + step, g.n_views))
+        return view_chunks(g.n_views, per_view, self.chunk_bytes)
 
     def _grid(self, views: slice, device, dtype):
         """Sampling grid ``(1, v, N*N, 2)`` into the ``(V, C)`` sinogram and weights ``(v, N*N)``."""

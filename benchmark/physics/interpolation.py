@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bilinear_sample", "bilinear_sample_adjoint"]
+__all__ = ["bilinear_sample", "bilinear_sample_adjoint", "view_chunks"]
+
+
+def view_chunks(n_views: int, bytes_per_view: int, budget_bytes: int):
+    """Consecutive slices of ``range(n_views)`` whose working memory stays under ``budget_bytes`` (at least
+    one view per slice)."""
+    step = max(1, min(n_views, budget_bytes // bytes_per_view))
+    for start in range(0, n_views, step):
+        yield slice(start, min(start + step, n_views))
 
 
 def bilinear_sample(src: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
