@@ -1,4 +1,5 @@
 # Every target installs what it needs: on a fresh clone `make test` is the only command to run.
+# --no-cache-dir: torch with its CUDA wheels is ~6 GB installed; a second cached copy overflowed a CI disk.
 VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
@@ -7,8 +8,8 @@ STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --no-cache-dir --upgrade pip
+	$(VENV)/bin/pip install -q --no-cache-dir -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +26,8 @@ leaderboard: $(STAMP)
 perf: $(STAMP)
 	$(VENV)/bin/python perf/projector_speed.py
 	$(VENV)/bin/python perf/simulation_speed.py
+	$(VENV)/bin/python perf/sscd_training_step.py
+	$(VENV)/bin/python perf/evaluator_speed.py
 
 data: $(STAMP)
 	$(VENV)/bin/marbench simulate --preset smoke --out data/smoke

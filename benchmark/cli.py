@@ -1,6 +1,6 @@
 """The ``marbench`` command line.
 
-``marbench simulate``, ``splits editmar``, ``list``, ``weights``, ``bench``, ``leaderboard``; ``fit``,
+``marbench simulate``, ``splits editmar``, ``list``, ``weights``, ``bench``, ``rerun``, ``leaderboard``; ``fit``,
 ``validate``, ``test`` and ``predict`` are LightningCLI subcommands
 (``marbench test --config configs/bench/li.yaml``).
 """
@@ -63,6 +63,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rerun(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from marbench.bench import rerun
+
+    protocols = [p for p in (args.protocols or "").split(",") if p]
+    if not protocols and not args.indicators:
+        print("nothing to do: give --protocols and/or --indicators", file=sys.stderr)
+        return 2
+    done = rerun([Path(c) for c in args.configs] or None, protocols, args.indicators, data_root=args.data)
+    print(f"records written for {', '.join(done)}")
+    return 0
+
+
 def _leaderboard(args: argparse.Namespace) -> int:
     from marbench.leaderboard import build_leaderboards, check_leaderboards
 
@@ -111,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", default="data/smoke")
     bench.add_argument("--preset", default="smoke", choices=["tiny", "smoke", "aapm"])
     bench.set_defaults(func=_bench)
+    rr = sub.add_parser("rerun", help="re-evaluate benched configs from runs/bench checkpoints, without training")
+    rr.add_argument("configs", nargs="*", help="configs (default: configs/bench/*.yaml)")
+    rr.add_argument("--protocols", help="comma-separated protocols to evaluate (replacing the config's list)")
+    rr.add_argument("--indicators", action="store_true", help="also PI_q / PI_s on the benchmark's metal sweeps")
+    rr.add_argument("--data", default="data/smoke")
+    rr.set_defaults(func=_rerun)
     lb = sub.add_parser("leaderboard", help="rebuild leaderboards/ from leaderboards/results/*.json")
     lb.add_argument("--root", default="leaderboards")
     lb.add_argument("--tables-only", action="store_true", help="tables only (no figures)")

@@ -9,7 +9,12 @@ import torch
 
 from marbench.physics.units import hu_to_mu, mu_to_hu
 
-__all__ = ["hu_to_mu", "mu_to_hu", "window", "hu_to_unit", "unit_to_hu"]
+__all__ = ["hu_to_mu", "mu_to_hu", "window", "hu_to_unit", "unit_to_hu", "DEEPLESION_MU_WATER_PER_CM",
+           "hu_to_deeplesion_mu", "hu_to_adn", "adn_to_hu", "hu_to_oscnet", "oscnet_to_hu"]
+
+# DeepLesion-trained methods (ADN, OSCNet) work on attenuation images with water at 0.192 cm^-1
+# (seed 000 Sec. 3.2: ``att = HU/1000*0.192 + 0.192``).
+DEEPLESION_MU_WATER_PER_CM = 0.192
 
 
 def window(hu: torch.Tensor, low_hu: float, high_hu: float) -> torch.Tensor:
@@ -25,3 +30,34 @@ def hu_to_unit(hu: torch.Tensor) -> torch.Tensor:
 def unit_to_hu(unit: torch.Tensor) -> torch.Tensor:
     """Inverse of ``hu_to_unit``."""
     return unit * 2000.0 - 1000.0
+
+
+def hu_to_deeplesion_mu(hu: torch.Tensor) -> torch.Tensor:
+    """Attenuation in cm^-1 on the DeepLesion scale ``HU/1000*0.192 + 0.192`` (water 0.192, air 0); unclipped."""
+    return hu / 1000.0 * DEEPLESION_MU_WATER_PER_CM + DEEPLESION_MU_WATER_PER_CM
+
+
+def _deeplesion_mu_to_hu(mu: torch.Tensor) -> torch.Tensor:
+    return (mu / DEEPLESION_MU_WATER_PER_CM - 1.0) * 1000.0
+
+
+def hu_to_adn(hu: torch.Tensor) -> torch.Tensor:
+    """ADN's input range (liaohaofu/adn ``DeepLesion.normalize`` with ``get_minmax() = (0, 0.5)``): DeepLesion
+    attenuation clipped to ``[0, 0.5]`` cm^-1 (-1000 to ~1604 HU), mapped linearly to ``[-1, 1]``."""
+    return hu_to_deeplesion_mu(hu).clamp(0.0, 0.5) / 0.5 * 2.0 - 1.0
+
+
+def adn_to_hu(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``hu_to_adn`` on ``[-1, 1]`` (ADN's tanh output range)."""
+    return _deeplesion_mu_to_hu((x + 1.0) / 2.0 * 0.5)
+
+
+def hu_to_oscnet(hu: torch.Tensor) -> torch.Tensor:
+    """OSCNet's input range (hongwang01/OSCNet ``Dataset.py``): DeepLesion attenuation clipped to ``[0, 1]``
+    cm^-1 (-1000 to ~4208 HU), times 255."""
+    return hu_to_deeplesion_mu(hu).clamp(0.0, 1.0) * 255.0
+
+
+def oscnet_to_hu(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``hu_to_oscnet`` (not clipped: OSCNet's output is unbounded)."""
+    return _deeplesion_mu_to_hu(x / 255.0)

@@ -5,7 +5,8 @@ method, a column per metric ``mean +- std`` over slices, the best value in bold,
 (higher or lower is better), and the records' split hash and protocol version in the caption. Records whose
 split hash or protocol version differ are refused, naming both. Also: per-category tables, a bar chart per
 metric, a qualitative panel (input, each method, target, absolute error maps underneath; Emirdagi et al.
-Fig. 2 style) and ``index.html``. Every file is written to a temporary name and renamed.
+Fig. 2 style), ablation tables (a method's variants beside the paper's numbers, ``ABLATIONS``) and
+``index.html``. Every file is written to a temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import html
 import os
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +24,66 @@ from marbench.evaluation.records import read_record
 from marbench.evaluation.statistics import bootstrap_ci, paired_wilcoxon
 from marbench.files import atomic_write
 
-__all__ = ["build_leaderboards", "check_leaderboards", "merge_records", "TABLE_NAME"]
+__all__ = ["build_leaderboards", "check_leaderboards", "merge_records", "TABLE_NAME", "Ablation", "ABLATIONS"]
 
 TABLE_NAME = "{dataset}__{protocol}"
 _ORDER_FIRST = ("uncorrected",)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """An ablation table: a method's variant rows (record method names, in the paper's order) on one protocol,
+    beside the numbers the paper reports for them."""
+
+    name: str
+    source: str
+    protocol: str
+    rows: tuple[tuple[str, str], ...]  # (record method name, the paper's row label)
+    paper: dict[str, dict[str, float]]  # row label -> metric -> value
+    order_metric: str  # the metric whose order across rows the paper reports
+
+    def markdown(self, dataset: str, records: dict[str, dict]) -> str | None:
+        """The table for ``records`` (method name -> record of ``self.protocol``), or None without any row."""
+        present = [(m, label) for m, label in self.rows if m in records]
+        if not present:
+            return None
+        metrics = list(next(iter(self.paper.values())))
+        directions = records[present[0][0]]["protocol"]["directions"]
+        lines = [f"### {dataset} / {self.name} ablation ({self.protocol})\n", f"{self.source}; ours: mean ± std "
+                 "over slices [95 % bootstrap interval], the paper's value beside.\n",
+                 "| row | method | " + " | ".join(f"{m} {'↑' if directions[m] else '↓'} | paper {m}" for m in metrics)
+                 + " |", "|---|---|" + "---|---|" * len(metrics)]
+        means = {}
+        for method, label in present:
+            cells = []
+            for m in metrics:
+                v = _slice_values(records[method], m, None)
+                lo, hi = bootstrap_ci(v.to_numpy())
+                digits = 4 if any(k in m for k in ("ssim", "lp", "miou")) else 2
+                cells += [f"{v.mean():.{digits}f} ± {v.std(ddof=0):.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]",
+                          f"{self.paper[label][m]:.{digits}f}"]
+            means[label] = float(_slice_values(records[method], self.order_metric, None).mean())
+            lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
+        if len(present) == len(self.rows):
+            labels = [label for _, label in self.rows]
+            higher = directions[self.order_metric]
+            steps = zip(labels, labels[1:], strict=False)
+            holds = all(means[b] > means[a] if higher else means[b] < means[a] for a, b in steps)
+            relation = (" < " if higher else " > ").join(labels)
+            verdict = "holds" if holds else "does not hold"
+            lines.append(f"\nThe paper's order ({self.order_metric}: {relation}) **{verdict}** here.")
+        return "\n".join(lines) + "\n"
+
+
+# Yu et al. (paper 004) Table I, DeepLesion simulation: RMSE (HU) and SSIM of the four rows
+ABLATIONS = (
+    Ablation("sscd", "Yu et al. (paper 004) Table I", "aapm-hu",
+             (("sscd-sinonet", "SinoNet"), ("sscd-sinonet-fbpcons", "SinoNet+FBPcons"),
+              ("sscd-joint", "JointLearning"), ("sscd-joint-mtr", "JointLearning+MTR")),
+             {"SinoNet": {"rmse_hu": 42.60, "ssim": 0.9727}, "SinoNet+FBPcons": {"rmse_hu": 41.97, "ssim": 0.9731},
+              "JointLearning": {"rmse_hu": 36.28, "ssim": 0.9755},
+              "JointLearning+MTR": {"rmse_hu": 34.20, "ssim": 0.9773}}, "rmse_hu"),
+)
 
 
 def merge_records(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -42,7 +100,8 @@ def merge_records(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
         first = rs[0]
         for r in rs[1:]:
             for label, get in (("split sha256", lambda x: x["dataset"].get("split_sha256")),
-                               ("protocol version", lambda x: x["protocol"]["version"])):
+                               ("protocol version", lambda x: x["protocol"]["version"]),
+                               ("backbone weights", lambda x: x["protocol"].get("weights_sha256", {}))):
                 if get(r) != get(first):
                     raise ValueError(f"cannot merge {key}: {r['_path']} has {label} {get(r)!r} but "
                                      f"{first['_path']} has {get(first)!r}")
@@ -85,13 +144,19 @@ def _table(records: list[dict], scope: str | None = None) -> tuple[pd.DataFrame,
         best = numeric[m].idxmax() if directions[m] else numeric[m].idxmin()
         pvalues[m] = [float("nan") if n == best else paired_wilcoxon(*values[n].align(values[best], join="inner"))
                       for n in order]
-        digits = 4 if "ssim" in m else 2
+        digits = 4 if any(k in m for k in ("ssim", "lp", "miou")) else 2
         cells = []
         for n, (lo, hi) in zip(order, cis, strict=True):
             cell = f"{numeric.loc[n, m]:.{digits}f} ± {numeric.loc[n, f'{m}_std']:.{digits}f}"
             cell = f"**{cell}**" if n == best else cell
             cells.append(f"{cell} [{lo:.{digits}f}, {hi:.{digits}f}]")
         display[f"{m} {'↑' if directions[m] else '↓'}"] = cells
+    if scope is None:  # set-level metrics (FID) exist for the whole split only
+        for m, higher in records[0]["protocol"].get("set_directions", {}).items():
+            numeric[m] = [float(by_name[n]["metrics"]["set"][m]) for n in order]
+            best = numeric[m].idxmax() if higher else numeric[m].idxmin()
+            display[f"{m} {'↑' if higher else '↓'}"] = [f"**{v:.4g}**" if n == best else f"{v:.4g}"
+                                                       for n, v in zip(order, numeric[m], strict=True)]
     numeric["s/slice"] = [float(_slice_values(by_name[n], "seconds", scope).mean()) for n in order]
     display["s/slice"] = [f"{v:.3f}" for v in numeric["s/slice"]]
     for df in (display, numeric, pvalues):
@@ -185,6 +250,11 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
         caption = (f"**{dataset}**, protocol `{protocol}` v{r0['protocol']['version']}, "
                    f"{r0['dataset']['slices']} test slices, split sha256 `{str(r0['dataset']['split_sha256'])[:12]}`; "
                    "mean ± std over slices [95 % bootstrap interval of the mean], best in bold.\n\n")
+        weights = r0["protocol"].get("weights_sha256", {})
+        if weights:
+            caption += ("Backbone weights: " + ", ".join(f"{k} `{v[:12]}`" for k, v in sorted(weights.items()))
+                        + ("; **random backbones: these values test the pipeline and are not comparable with "
+                           "published FID/LPIPS**" if "random" in weights.values() else "") + ".\n\n")
         categories = sorted({c for r in rs for c in r["metrics"]["per_category"]})
         per_cat = []
         for c in categories:
@@ -199,6 +269,14 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
             atomic_write(path, text)
             written.append(path)
         sections.append((stem, md, display))
+        for ablation in ABLATIONS:
+            if protocol != ablation.protocol:
+                continue
+            table = ablation.markdown(dataset, {r["method"]["name"]: r for r in rs if r["seed"] == 0})
+            if table is not None:
+                path = root / f"{dataset}__{ablation.name}-ablation.md"
+                atomic_write(path, table)
+                written.append(path)
         if figures:
             chart = root / "figures" / f"{stem}.png"
             _bar_chart(means, directions, f"{dataset} / {protocol}", chart)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import lightning as L
 import torch
 
+from marbench.physics import Projector
+
 __all__ = ["MethodCard", "MARMethod"]
 
 
@@ -45,8 +47,30 @@ class MARMethod(L.LightningModule):
         return self.card.needs
 
     def attach_geometries(self, geometries: dict) -> None:
-        """Called by the evaluator with the datamodule's ``anatomy -> Geometry`` (for physics-based methods)."""
+        """Called by the evaluator (and at ``setup``) with the datamodule's ``anatomy -> Geometry`` (for
+        physics-based methods)."""
         self.geometries = dict(geometries)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(datamodule, "geometries", None):
+            self.attach_geometries(datamodule.geometries)
+
+    def projector(self, anatomy: str, device: torch.device) -> Projector:
+        """The ``Projector`` of an anatomy's geometry on ``device``, built once per (anatomy, device).
+
+        Raises:
+            ValueError: no geometry was attached for ``anatomy``.
+        """
+        cache = self.__dict__.setdefault("_projector_cache", {})
+        key = (anatomy, str(device))
+        if key not in cache:
+            geometries = getattr(self, "geometries", {})
+            if anatomy not in geometries:
+                raise ValueError(f"{self.card.name}: no geometry for anatomy {anatomy!r}; the datamodule provides "
+                                 f"{sorted(geometries)}")
+            cache[key] = Projector(geometries[anatomy], device=device)
+        return cache[key]
 
     def restore(self, batch: dict) -> torch.Tensor:
         """Restored images ``(B, 1, H, W)`` in HU on the grid of ``batch['ma_image']``."""

@@ -10,7 +10,8 @@ __all__ = ["register", "get_method", "available_methods", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "marbench.methods"
 _REGISTRY: dict[str, type] = {}
-_IN_TREE = ("marbench.methods.classic", "marbench.methods.unet")
+_IN_TREE = ("marbench.methods.classic", "marbench.methods.unet", "marbench.methods.adn", "marbench.methods.oscnet",
+            "marbench.methods.sscd")
 
 
 def register(name: str):

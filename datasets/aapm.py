@@ -8,6 +8,8 @@ Each item is a dict (a batch adds the leading ``B``):
 * ``metal_trace``: ``(1, V, C)`` bool, ``fp(metal_mask) > 0`` with the anatomy's geometry;
 * ``li_sinogram`` ``(1, V, C)`` and ``li_image`` ``(1, N, N)`` HU: the LI prior (Kalender 1987), computed once
   per case and cached under ``$MARBENCH_CACHE/li``;
+* ``tissue_labels``: ``(1, N, N)`` int64 tissue class per pixel (``datasets.synthetic.tissues``), synthetic
+  benchmark only (not among the default keys);
 * ``category`` (str), ``anatomy`` (``body``/``head``), ``slice_id`` (str), ``fov_mm`` (float).
 
 The geometry comes from the anatomy (``aapm_body`` / ``aapm_head`` presets); a ``manifest.json`` at the root
@@ -32,10 +34,11 @@ from marbench.physics.backends import default_cache_dir
 from .aapm_format import ANATOMIES, AAPMCase, case_files, discover_cases, read_raw, write_raw
 from .splits import read_split
 
-__all__ = ["ALL_KEYS", "AAPMCTMARDataset", "AAPMCTMARDataModule", "geometries_for_root"]
+__all__ = ["ALL_KEYS", "SYNTHETIC_KEYS", "AAPMCTMARDataset", "AAPMCTMARDataModule", "geometries_for_root"]
 
 ALL_KEYS = ("gt_image", "ma_image", "gt_sinogram", "ma_sinogram", "metal_mask", "metal_trace",
             "li_sinogram", "li_image")
+SYNTHETIC_KEYS = ("tissue_labels",)  # files the synthetic benchmark adds to the release layout
 _RELEASE_PRESETS = {"body": "aapm_body", "head": "aapm_head"}
 
 
@@ -82,9 +85,9 @@ class AAPMCTMARDataset(Dataset):
     def __init__(self, root: str | os.PathLike, cases: Sequence[AAPMCase], keys: Iterable[str] = ALL_KEYS,
                  categories: dict[str, str] | None = None, projector_backend: str = "sparse"):
         keys = tuple(keys)
-        unknown = sorted(set(keys) - set(ALL_KEYS))
+        unknown = sorted(set(keys) - set(ALL_KEYS) - set(SYNTHETIC_KEYS))
         if unknown:
-            raise ValueError(f"unknown batch keys {unknown}; expected a subset of {ALL_KEYS}")
+            raise ValueError(f"unknown batch keys {unknown}; expected a subset of {ALL_KEYS + SYNTHETIC_KEYS}")
         self.root = Path(root)
         self.cases = list(cases)
         self.keys = keys
@@ -139,6 +142,9 @@ class AAPMCTMARDataset(Dataset):
                 if need & {"li_sinogram", "li_image"}:
                     li_sino, li_img = self._li_prior(case, arrays["ma_sinogram"], trace)
                     arrays["li_sinogram"], arrays["li_image"] = li_sino, li_img
+        if "tissue_labels" in need:
+            labels = read_raw(files["tissue_labels"], g.image_shape)
+            item["tissue_labels"] = torch.from_numpy(labels.astype(np.int64))[None]
         for key, value in arrays.items():
             if key in need:
                 item[key] = torch.from_numpy(np.ascontiguousarray(value))[None]

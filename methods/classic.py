@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from marbench.method import MARMethod, MethodCard
-from marbench.physics import Projector, mu_to_hu, nmar_correction
+from marbench.physics import mu_to_hu, nmar_correction
 from marbench.registry import register
 
 __all__ = ["LinearInterpolation", "NormalizedMAR", "Uncorrected"]
@@ -58,17 +58,11 @@ class NormalizedMAR(MARMethod):
     def __init__(self, air_threshold_hu: float = -500.0, bone_threshold_hu: float = 300.0):
         super().__init__()
         self.air_threshold_hu, self.bone_threshold_hu = air_threshold_hu, bone_threshold_hu
-        self._projectors: dict[str, Projector] = {}
 
     def restore(self, batch: dict) -> torch.Tensor:
         out = torch.empty_like(batch["ma_image"])
         for i, anatomy in enumerate(batch["anatomy"]):
-            if anatomy not in self._projectors:
-                if anatomy not in getattr(self, "geometries", {}):
-                    raise ValueError(f"nmar: no geometry for anatomy {anatomy!r}; the datamodule provides "
-                                     f"{sorted(getattr(self, 'geometries', {}))}")
-                self._projectors[anatomy] = Projector(self.geometries[anatomy], device=out.device)
-            p = self._projectors[anatomy]
+            p = self.projector(anatomy, out.device)
             _, mu = nmar_correction(p, batch["ma_sinogram"][i: i + 1], batch["metal_trace"][i: i + 1],
                                     air_threshold_hu=self.air_threshold_hu, bone_threshold_hu=self.bone_threshold_hu)
             out[i] = mu_to_hu(mu, p.geometry.mu_water_per_mm)[0]

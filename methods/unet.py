@@ -21,10 +21,11 @@ from marbench.converters import hu_to_unit, unit_to_hu
 from marbench.method import MARMethod, MethodCard
 from marbench.registry import register
 
-__all__ = ["ResidualUNet", "UNet"]
+__all__ = ["ResidualUNet", "UNet", "conv_block"]
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """Two 3 x 3 conv + batch norm + ReLU layers ``(B, cin, H, W) -> (B, cout, H, W)``."""
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                          nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -36,9 +37,10 @@ class UNet(nn.Module):
     def __init__(self, cin: int = 1, cout: int = 1, base: int = 32, depth: int = 4):
         super().__init__()
         chans = [base * 2**k for k in range(depth + 1)]
-        self.down = nn.ModuleList([_block(cin, chans[0])] + [_block(chans[k], chans[k + 1]) for k in range(depth)])
+        self.down = nn.ModuleList([conv_block(cin, chans[0])]
+                                  + [conv_block(chans[k], chans[k + 1]) for k in range(depth)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(chans[k + 1], chans[k], 2, stride=2) for k in range(depth)])
-        self.merge = nn.ModuleList([_block(2 * chans[k], chans[k]) for k in range(depth)])
+        self.merge = nn.ModuleList([conv_block(2 * chans[k], chans[k]) for k in range(depth)])
         self.head = nn.Conv2d(chans[0], cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Perceptual metrics on CT images: LPIPS (VGG16, Zhang et al., CVPR 2018, through the ``lpips`` package),
-LPIPS-Rad and FID-Rad (RadImageNet ResNet50; Mei et al., Radiology: AI 2022), and the perceptual indicators
-PI_q / PI_s (DuDoCROP Eq. 18-19).
+FID (InceptionV3 pool3 of torch-fidelity, Heusel et al. 2017), LPIPS-Rad and FID-Rad (RadImageNet ResNet50;
+Mei et al., Radiology: AI 2022), and the perceptual indicators PI_q / PI_s (DuDoCROP Eq. 18-19).
 
 Backbone weights come only from local files (``marbench.evaluation.weights``). With ``weights=None`` a
 backbone is randomly initialised (seeded): tests use that, and records made that way are marked
@@ -13,6 +13,8 @@ channels, mean over space. FID-Rad: layer4 globally average-pooled to 2048-d, th
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -21,7 +23,8 @@ from scipy import linalg
 
 from .weights import resolve
 
-__all__ = ["RadImageNetFeatures", "lpips_rad", "LPIPSVGG", "frechet_distance", "perceptual_indicator"]
+__all__ = ["RadImageNetFeatures", "InceptionFeatures", "lpips_rad", "layer4_distance", "LPIPSVGG", "frechet_distance",
+           "frechet_distance_of_features", "perceptual_indicator", "Backbones", "backbones"]
 
 
 class RadImageNetFeatures(nn.Module):
@@ -66,11 +69,55 @@ class RadImageNetFeatures(nn.Module):
         return self.layer4(x).mean(dim=(2, 3))
 
 
+class InceptionFeatures(nn.Module):
+    """FID's InceptionV3 (torch-fidelity ``inception-v3-compat``, the TF-FID network): ``(B, 1, H, W)`` images in
+    [0, 1] -> pool3 features ``(B, 2048)``. Grey is repeated to RGB and quantised to 8 bits, as FID expects;
+    torch-fidelity resizes to 299 x 299 as TensorFlow 1 did.
+
+    Args:
+        weights: a ``weights`` registry name (``inception-v3-fid``) or ``None``: seeded He-normal convolutions
+            (PyTorch's default init fades to ~1e-8 over Inception's depth; torch-fidelity's own weight loading,
+            which would download, is bypassed).
+    Raises:
+        FileNotFoundError / ValueError: as ``weights.resolve``.
+    """
+
+    num_features = 2048
+
+    def __init__(self, weights: str | None = "inception-v3-fid", seed: int = 0):
+        super().__init__()
+        from torch_fidelity import feature_extractor_inceptionv3 as tfi
+
+        self.weights_sha256 = None
+        if weights is not None:
+            path, self.weights_sha256 = resolve(weights)
+            self.net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                       feature_extractor_weights_path=str(path))
+        else:
+            torch.manual_seed(seed)
+            with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
+                    mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+                self.net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+            for m in self.net.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).repeat(1, 3, 1, 1)
+        return self.net(rgb)[0]
+
+
+def layer4_distance(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """LPIPS-Rad ``(B,)`` from two layer4 feature maps ``(B, 2048, h, w)``: unit-normalised across channels,
+    squared difference summed over channels, mean over space."""
+    f1, f2 = F.normalize(f1, dim=1, eps=1e-10), F.normalize(f2, dim=1, eps=1e-10)
+    return ((f1 - f2) ** 2).sum(1).mean(dim=(1, 2))
+
+
 def lpips_rad(features: RadImageNetFeatures, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """LPIPS-Rad per slice ``(B,)`` of ``(B, 1, H, W)`` images in [0, 1] (see the module docstring)."""
-    f1 = F.normalize(features.layer4(pred), dim=1, eps=1e-10)
-    f2 = F.normalize(features.layer4(target), dim=1, eps=1e-10)
-    return ((f1 - f2) ** 2).sum(1).mean(dim=(1, 2))
+    return layer4_distance(features.layer4(pred), features.layer4(target))
 
 
 class LPIPSVGG(nn.Module):
@@ -116,6 +163,23 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def frechet_distance_of_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Frechet distance between the Gaussians fitted to two feature sets ``(n1, D)`` and ``(n2, D)`` (sample means and
+    unbiased covariances), exactly as ``frechet_distance`` but through the small ``n1 x n2`` problem.
+
+    With ``A_i`` the centred features, ``S_i = A_i^T A_i / (n_i - 1)``; the non-zero eigenvalues of ``S1 S2`` are
+    the squared singular values of ``B = A1 A2^T / sqrt((n1 - 1)(n2 - 1))``, so ``tr((S1 S2)^(1/2))`` is the sum of
+    the singular values of ``B``: no ``D x D`` matrix square root (2048-d features, a few hundred slices).
+    """
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    n1, n2 = len(f1), len(f2)
+    tr1 = (a1**2).sum() / (n1 - 1)
+    tr2 = (a2**2).sum() / (n2 - 1)
+    cross = np.linalg.svd(a1 @ a2.T / np.sqrt((n1 - 1) * (n2 - 1)), compute_uv=False).sum()
+    return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + tr1 + tr2 - 2 * cross)
+
+
 def perceptual_indicator(levels: list[list[tuple[float, float]]]) -> float:
     """PI_q or PI_s (DuDoCROP Eq. 18-19) from per-slice sweeps.
 
@@ -138,3 +202,49 @@ def perceptual_indicator(levels: list[list[tuple[float, float]]]) -> float:
                 raise ValueError(f"sweep {i}: levels must increase in metal quantity/size, found {x0} then {x1}")
             slopes.append((lp1 - lp0) / (x1 - x0))
     return float(np.mean(slopes))
+
+
+class Backbones(nn.Module):
+    """The feature backbones of the ``perceptual`` protocol, each from its local weight file or random.
+
+    Args:
+        weights: ``"local"`` (every file must be present), ``"random"`` (all seeded random) or ``"auto"`` (each
+            backbone whose file is present uses it, the others are random).
+    Raises:
+        ValueError: unknown ``weights``; FileNotFoundError / ValueError (``local``): as ``weights.resolve``.
+    """
+
+    REGISTRY = {"lpips": "vgg16-lpips", "inception": "inception-v3-fid", "radimagenet": "radimagenet-resnet50"}
+
+    def __init__(self, weights: str = "auto"):
+        super().__init__()
+        if weights not in ("auto", "local", "random"):
+            raise ValueError(f"weights must be 'auto', 'local' or 'random', found {weights!r}")
+
+        def pick(name):
+            if weights == "random":
+                return None
+            if weights == "auto":
+                try:
+                    resolve(name)
+                except FileNotFoundError:
+                    return None
+            return name
+
+        self.lpips = LPIPSVGG(pick(self.REGISTRY["lpips"]))
+        self.inception = InceptionFeatures(pick(self.REGISTRY["inception"]))
+        self.radimagenet = RadImageNetFeatures(pick(self.REGISTRY["radimagenet"]))
+
+    def weights_sha256(self) -> dict[str, str]:
+        """Registry name -> sha256 of the file used, or ``"random"``."""
+        return {reg: getattr(self, attr).weights_sha256 or "random" for attr, reg in self.REGISTRY.items()}
+
+
+_BACKBONES: dict[str, Backbones] = {}
+
+
+def backbones(weights: str = "auto") -> Backbones:
+    """The process-wide ``Backbones`` for a weights mode (built once: every method of a run reuses them)."""
+    if weights not in _BACKBONES:
+        _BACKBONES[weights] = Backbones(weights)
+    return _BACKBONES[weights]

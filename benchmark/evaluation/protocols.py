@@ -6,7 +6,7 @@ records of different versions.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -16,8 +16,11 @@ from scipy.ndimage import binary_fill_holes
 from marbench.converters import hu_to_mu, window
 
 from .metrics import PSNR, RMSE, SSIM, SliceMetric
+from .perceptual import backbones, frechet_distance_of_features, layer4_distance
+from .segmentation import MeanIoUMetric, SegmentationRecipe, segmenter
 
-__all__ = ["Protocol", "AAPMHU", "EditMAR", "SynDeepLesionProtocol", "PROTOCOLS", "get_protocol"]
+__all__ = ["Protocol", "AAPMHU", "EditMAR", "SynDeepLesionProtocol", "Perceptual", "Segmentation", "BackboneMetric",
+           "PROTOCOLS", "get_protocol"]
 
 
 def _dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -37,16 +40,41 @@ class Protocol:
     def metrics(self) -> dict[str, SliceMetric]:
         raise NotImplementedError
 
-    def update(self, metrics: dict[str, SliceMetric], pred_hu: torch.Tensor, batch: dict) -> None:
+    def update(self, metrics: dict[str, SliceMetric], pred_hu: torch.Tensor, batch: dict) -> dict | None:
+        """Update the per-slice metrics; protocols with set-level metrics return the prediction's features
+        (``set_features`` of ``pred_hu``, computed along with the per-slice metrics to share backbone passes)."""
         raise NotImplementedError
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kind": type(self).__name__}
 
+    def bind(self, datamodule) -> "Protocol":
+        """The protocol for one datamodule (protocols whose metrics depend on the data, e.g. a segmenter trained on
+        its training split, return a bound copy)."""
+        return self
+
     @property
     def directions(self) -> dict[str, bool]:
         """Metric name -> higher is better."""
         return {k: m.higher_is_better for k, m in self.metrics().items()}
+
+    # Set-level metrics (a value for the whole split, e.g. FID) come from per-slice features.
+    @property
+    def set_directions(self) -> dict[str, bool]:
+        """Set-level metric name -> higher is better (none by default)."""
+        return {}
+
+    def set_features(self, hu: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-slice features ``(B, D)`` of images ``(B, 1, H, W)`` in HU for each set-level metric."""
+        return {}
+
+    def set_metric(self, name: str, features: np.ndarray, reference: np.ndarray) -> float:
+        """The set-level metric ``name`` from the method's and the reference images' features ``(N, D)``."""
+        raise KeyError(f"protocol {self.name!r} has no set-level metric {name!r}")
+
+    def weights_sha256(self) -> dict[str, str]:
+        """Weight files the protocol's metrics use: registry name -> sha256 or ``"random"``."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -149,7 +177,119 @@ class SynDeepLesionProtocol(Protocol):
         metrics["ssim"].update(p, t)
 
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (AAPMHU(), EditMAR(), SynDeepLesionProtocol())}
+class BackboneMetric(SliceMetric):
+    """A per-slice distance ``fn(backbone, pred, target) -> (B,)`` on a feature backbone (registered as a child
+    module, so it moves with the metric); lower is better."""
+
+    higher_is_better = False
+
+    def __init__(self, backbone: torch.nn.Module, fn, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone, self.fn = backbone, fn
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._append(self.fn(self.backbone, pred, target))
+
+
+@dataclass(frozen=True)
+class Perceptual(Protocol):
+    """``perceptual``: LPIPS (VGG16, v0.1) and LPIPS-Rad per slice; FID (InceptionV3 pool3) and FID-Rad
+    (RadImageNet ResNet50 pooled layer4) over the split, against the split's metal-free images.
+
+    Images: the HU window ``[low_hu, high_hu]`` mapped to ``[0, 1]`` (the ``editmar`` window; metal, put back
+    by the methods, saturates at 1), whole image, grey repeated to three channels by each backbone. Backbone
+    weights (``weights``): see ``perceptual.Backbones``; the record lists each file's sha256 or ``random``, and
+    the leaderboard never merges records whose weights differ. FID over few slices is biased upward (Chong &
+    Forsyth 2020): compare only rows of one split, as the leaderboard does.
+    """
+
+    name: str = "perceptual"
+    version: str = "1"
+    low_hu: float = -500.0
+    high_hu: float = 1300.0
+    weights: str = "auto"
+
+    def _unit(self, hu: torch.Tensor) -> torch.Tensor:
+        return window(hu, self.low_hu, self.high_hu)
+
+    def metrics(self) -> dict[str, SliceMetric]:
+        bb = backbones(self.weights)
+        return {"lpips": BackboneMetric(bb.lpips, lambda m, p, t: m(p, t)),
+                "lpips_rad": BackboneMetric(bb.radimagenet, lambda m, fp, ft: layer4_distance(fp, ft))}
+
+    def update(self, metrics, pred_hu, batch) -> dict[str, torch.Tensor]:
+        bb = backbones(self.weights).to(pred_hu.device)
+        p, t = self._unit(pred_hu), self._unit(batch["gt_image"])
+        metrics["lpips"].update(p, t)
+        with torch.no_grad():  # one RadImageNet pass per image serves LPIPS-Rad and the FID-Rad features
+            fp = bb.radimagenet.layer4(p)
+            metrics["lpips_rad"].update(fp, bb.radimagenet.layer4(t))
+            return {"fid": bb.inception(p), "fid_rad": fp.mean(dim=(2, 3))}
+
+    @property
+    def set_directions(self) -> dict[str, bool]:
+        return {"fid": False, "fid_rad": False}
+
+    def set_features(self, hu: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        bb = backbones(self.weights).to(hu.device)
+        x = self._unit(hu)
+        with torch.no_grad():
+            return {"fid": bb.inception(x), "fid_rad": bb.radimagenet(x)}
+
+    def set_metric(self, name: str, features: np.ndarray, reference: np.ndarray) -> float:
+        if name not in self.set_directions:
+            return super().set_metric(name, features, reference)
+        return frechet_distance_of_features(features, reference)
+
+    def weights_sha256(self) -> dict[str, str]:
+        return backbones(self.weights).weights_sha256()
+
+
+@dataclass(frozen=True)
+class Segmentation(Protocol):
+    """``segmentation`` (ArtifactGSI Table 2): a tissue-segmentation U-Net trained on the clean images of the
+    split's training part (``evaluation.segmentation.SegmentationRecipe``) segments each restored image;
+    ``miou`` per slice is torchmetrics' mean IoU against the tissue labels over the classes present. Needs
+    ``tissue_labels`` in the batch (synthetic benchmark). The record carries the segmenter's sha256.
+    """
+
+    name: str = "segmentation"
+    version: str = "1"
+    recipe: SegmentationRecipe = field(default_factory=SegmentationRecipe)
+    root: str | None = None
+    split: str | None = None
+
+    def bind(self, datamodule) -> "Segmentation":
+        from dataclasses import replace
+
+        return replace(self, root=str(datamodule.root), split=datamodule.split_path)
+
+    def _segmenter(self):
+        if self.root is None:
+            raise ValueError("the segmentation protocol is bound to a datamodule (its training split) first")
+        return segmenter(self.root, self.split, self.recipe)
+
+    def metrics(self) -> dict[str, SliceMetric]:
+        if self.root is None:  # unbound: only the metric names and directions are asked for
+            return {"miou": MeanIoUMetric(torch.nn.Identity(), self.recipe)}
+        return {"miou": MeanIoUMetric(self._segmenter()[0], self.recipe)}
+
+    def update(self, metrics, pred_hu, batch) -> None:
+        if "tissue_labels" not in batch:
+            raise ValueError("the segmentation protocol needs 'tissue_labels' in the batch (data keys); the "
+                             "synthetic benchmark writes them")
+        metrics["miou"].update(pred_hu, batch["tissue_labels"])
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in super().to_dict().items() if k not in ("root", "split")}
+
+    def weights_sha256(self) -> dict[str, str]:
+        return {"segmenter": self._segmenter()[1]} if self.root is not None else {}
+
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (AAPMHU(), EditMAR(), SynDeepLesionProtocol(), Perceptual(),
+                                                      Segmentation())}
 
 
 def get_protocol(name: str) -> Protocol:

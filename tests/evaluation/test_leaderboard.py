@@ -72,3 +72,18 @@ def test_check_finds_a_stale_table(board):
     table = board / "tiny__editmar.md"
     table.write_text(table.read_text().replace("li", "lj"))
     assert any("tiny__editmar.md: differs" in p for p in check_leaderboards(board))
+
+
+def test_ablation_table_puts_the_paper_beside_ours_and_checks_its_order(board):
+    from marbench.leaderboard import ABLATIONS, Ablation
+
+    records = {n: read_record(board / "results" / f"tiny__{n}__aapm-hu__seed0.json") for n in ("uncorrected", "li")}
+    paper = {"A": {"rmse_hu": 50.0, "ssim": 0.9}, "B": {"rmse_hu": 40.0, "ssim": 0.95}}
+    ablation = Ablation("toy", "a paper, Table 9", "aapm-hu", (("uncorrected", "A"), ("li", "B")), paper, "rmse_hu")
+    md = ablation.markdown("tiny", records)
+    assert "| A | uncorrected |" in md and "| 40.00 |" in md and "(rmse_hu: A > B) **holds**" in md
+    swapped = Ablation("toy", "", "aapm-hu", (("li", "A"), ("uncorrected", "B")), paper, "rmse_hu")
+    assert "**does not hold**" in swapped.markdown("tiny", records)
+    assert ablation.markdown("tiny", {}) is None
+    assert [row for row, _ in ABLATIONS[0].rows] == ["sscd-sinonet", "sscd-sinonet-fbpcons", "sscd-joint",
+                                                    "sscd-joint-mtr"]

@@ -3,13 +3,21 @@ import pytest
 import torch
 from scipy import linalg
 
+from marbench.datasets.aapm import AAPMCTMARDataModule
+from marbench.evaluation.evaluator import evaluate
 from marbench.evaluation.perceptual import (
     LPIPSVGG,
+    InceptionFeatures,
     RadImageNetFeatures,
     frechet_distance,
+    frechet_distance_of_features,
     lpips_rad,
     perceptual_indicator,
 )
+from marbench.evaluation.protocols import Perceptual
+from marbench.evaluation.records import read_record
+from marbench.method import MethodCard
+from marbench.methods.classic import LinearInterpolation, Uncorrected
 
 
 def _images(seed=0, b=2, n=64):
@@ -60,6 +68,14 @@ def test_frechet_distance_against_an_independent_computation():
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_from_features_equals_the_covariance_formula():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, (30, 64)), rng.normal(0.2, 1.3, (25, 64))  # fewer samples than dimensions, as FID here
+    ref = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert frechet_distance_of_features(a, b) == pytest.approx(ref, rel=1e-6)
+    assert frechet_distance_of_features(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_fid_rad_through_torchmetrics_matches_the_formula():
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -81,3 +97,50 @@ def test_perceptual_indicator_is_the_mean_finite_difference_slope():
         perceptual_indicator([[(2, 0.1), (2, 0.2)]])
     with pytest.raises(ValueError, match="at least two levels"):
         perceptual_indicator([[(1, 0.1)]])
+
+
+class _Oracle(LinearInterpolation):
+    """Returns the metal-free image: every perceptual distance to the reference must vanish."""
+
+    card = MethodCard(name="oracle", paper="test", needs=("gt_image",), trainable=False)
+
+    def restore(self, batch):
+        return batch["gt_image"].clone()
+
+
+def test_perceptual_protocol_records_lpips_fid_and_reuses_reference_features(tiny_benchmark, tmp_path, monkeypatch):
+    out, _ = tiny_benchmark
+    calls = []
+    original = Perceptual.set_features
+
+    def counting(self, hu, batch):
+        calls.append(hu.shape[0])
+        return original(self, hu, batch)
+
+    monkeypatch.setattr(Perceptual, "set_features", counting)
+    records = {}
+    for method in (Uncorrected(), _Oracle()):
+        dm = AAPMCTMARDataModule(out, anatomy=("body",), split=str(out / "split.txt"), batch_size=4,
+                                 keys=("ma_image", "gt_image", "metal_mask", "li_image"))
+        calls.clear()
+        (path,) = evaluate(method, dm, ["perceptual"], "tiny", out_dir=str(tmp_path))
+        records[method.card.name] = (read_record(path), sum(calls))
+    (unc, unc_calls), (oracle, oracle_calls) = records["uncorrected"], records["oracle"]
+    n = unc["dataset"]["slices"]
+    assert unc_calls == n and oracle_calls == 0  # the second method reuses the cached reference features
+    assert unc["protocol"]["weights_sha256"] == {"vgg16-lpips": "random", "inception-v3-fid": "random",
+                                                 "radimagenet-resnet50": "random"}
+    assert set(unc["slices"][0]) >= {"lpips", "lpips_rad"} and set(unc["metrics"]["set"]) == {"fid", "fid_rad"}
+    assert unc["metrics"]["overall"]["lpips"]["mean"] > 0 and unc["metrics"]["set"]["fid"] > 0
+    assert oracle["metrics"]["overall"]["lpips"]["mean"] < 1e-6
+    assert oracle["metrics"]["overall"]["lpips_rad"]["mean"] < 1e-6
+    for m in ("fid", "fid_rad"):  # identical feature sets (up to the sqrtm of a rank-deficient covariance)
+        assert abs(oracle["metrics"]["set"][m]) < 1e-3 * unc["metrics"]["set"][m]
+
+
+def test_inception_features_follow_the_fid_input_convention():
+    feats = InceptionFeatures(weights=None)
+    x = torch.rand(2, 1, 64, 64)
+    assert feats(x).shape == (2, 2048)
+    # 8-bit quantisation of the grey image repeated to RGB: a sub-quantum change gives the same features
+    torch.testing.assert_close(feats(x), feats((torch.round(x * 255) + 0.2) / 255), rtol=0, atol=0)

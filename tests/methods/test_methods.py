@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from marbench.datasets.aapm import AAPMCTMARDataModule
 from marbench.method import MARMethod, MethodCard
 from marbench.methods.classic import LinearInterpolation, NormalizedMAR, Uncorrected
 from marbench.methods.unet import ResidualUNet, UNet
@@ -32,14 +31,6 @@ def test_missing_batch_keys_are_named():
     with pytest.raises(ValueError, match=r"needs batch keys \['li_image'\]"):
         LinearInterpolation().predict_step({"ma_image": torch.zeros(1, 1, 8, 8), "metal_mask": torch.zeros(1, 1, 8, 8,
                                                                                                             dtype=bool)})
-
-
-@pytest.fixture(scope="module")
-def tiny_batch(tiny_benchmark):
-    out, _ = tiny_benchmark
-    dm = AAPMCTMARDataModule(out, anatomy=("body",), split=str(out / "split.txt"), batch_size=4)
-    dm.setup("test")
-    return dm, next(iter(dm.train_dataloader()))
 
 
 def _rmse(pred, batch):

@@ -11,7 +11,7 @@ from marbench.registry import available_methods, get_method, register
 
 def test_in_tree_methods_are_registered_with_cards():
     methods = available_methods()
-    assert {"uncorrected", "li", "nmar", "unet"} <= set(methods)
+    assert {"uncorrected", "li", "nmar", "unet", "adn", "oscnet", "oscnet_plus"} <= set(methods)
     for name, cls in methods.items():
         assert issubclass(cls, MARMethod) and cls.card.name == name and cls.card.paper and cls.card.needs
 

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from marbench.datasets.aapm import AAPMCTMARDataModule
+from marbench.evaluation.evaluator import evaluate
+from marbench.evaluation.protocols import Segmentation
+from marbench.evaluation.records import read_record
+from marbench.evaluation.segmentation import CleanImage, SegmentationRecipe, segmenter
+from marbench.methods.classic import LinearInterpolation, Uncorrected
+
+RECIPE = SegmentationRecipe(base=8, depth=3, epochs=20)  # 10 training slices: 40 steps
+
+
+def test_segmentation_rows_rank_clean_above_li_above_uncorrected(tiny_benchmark, tmp_path):
+    """Runs first: the segmenter is trained inside the evaluation (under Lightning's inference mode)."""
+    out, _ = tiny_benchmark
+    miou = {}
+    for method in (CleanImage(), LinearInterpolation(), Uncorrected()):
+        dm = AAPMCTMARDataModule(out, split=str(out / "split.txt"), batch_size=4,
+                                 keys=("ma_image", "gt_image", "metal_mask", "li_image", "tissue_labels"))
+        (path,) = evaluate(method, dm, [Segmentation(recipe=RECIPE)], "tiny", out_dir=str(tmp_path))
+        record = read_record(path)
+        miou[method.card.name] = record["metrics"]["overall"]["miou"]["mean"]
+    assert len(record["protocol"]["weights_sha256"]["segmenter"]) == 64 and "root" not in record["protocol"]
+    assert miou["clean-image"] > miou["li"] > miou["uncorrected"]
+
+
+def test_the_segmenter_learns_the_tissue_labels_and_is_cached(tiny_benchmark):
+    out, _ = tiny_benchmark
+    split = str(out / "split.txt")
+    net, digest = segmenter(out, split, RECIPE, log=lambda *_: None)
+    again, digest_again = segmenter(out, split, RECIPE)
+    assert again is net and digest_again == digest  # loaded once per process, trained once per cache
+    dm = AAPMCTMARDataModule(out, split=split, keys=("gt_image", "tissue_labels"), batch_size=8)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        pred = net(RECIPE.inputs(batch["gt_image"])).argmax(1)
+    labels = batch["tissue_labels"][:, 0]
+    accuracy = (pred == labels).float().mean()
+    majority = labels.flatten().bincount().max() / labels.numel()  # always answering the commonest class
+    assert accuracy > 0.75 and accuracy > majority + 0.1  # a short schedule (40 steps): 0.77-0.83; majority 0.64
+
+
+def test_labels_are_required():
+    with pytest.raises(ValueError, match="needs 'tissue_labels'"):
+        Segmentation().update({}, torch.zeros(1, 1, 8, 8), {"gt_image": torch.zeros(1, 1, 8, 8)})
