@@ -114,7 +114,8 @@ def _method_order(names: list[str]) -> list[str]:
 
 def _slice_values(record: dict, metric: str, scope: str | None) -> pd.Series:
     rows = [r for r in record["slices"] if scope is None or r["category"] == scope]
-    return pd.Series({r["slice_id"]: r[metric] for r in rows}, dtype=float).sort_index()
+    # NaN marks a slice where the metric is undefined (a tissue class absent from both label maps): skipped
+    return pd.Series({r["slice_id"]: r[metric] for r in rows}, dtype=float).dropna().sort_index()
 
 
 def _table(records: list[dict], scope: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame,
@@ -137,6 +138,8 @@ def _table(records: list[dict], scope: str | None = None) -> tuple[pd.DataFrame,
     display = pd.DataFrame(index=order)
     for m in metrics:
         values = {n: _slice_values(by_name[n], m, scope) for n in order}
+        if all(v.empty for v in values.values()):  # undefined in this scope (a tissue class none of it holds)
+            continue
         numeric[m] = [float(values[n].mean()) for n in order]
         numeric[f"{m}_std"] = [float(values[n].std(ddof=0)) for n in order]
         cis = [bootstrap_ci(values[n].to_numpy()) for n in order]

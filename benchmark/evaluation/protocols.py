@@ -17,7 +17,7 @@ from marbench.converters import hu_to_mu, window
 
 from .metrics import PSNR, RMSE, SSIM, SliceMetric
 from .perceptual import backbones, frechet_distance_of_features, layer4_distance
-from .segmentation import MeanIoUMetric, SegmentationRecipe, segmenter
+from .segmentation import ClassIoUMetric, MeanIoUMetric, SegmentationRecipe, segmenter
 
 __all__ = ["Protocol", "AAPMHU", "EditMAR", "SynDeepLesionProtocol", "Perceptual", "Segmentation", "BackboneMetric",
            "PROTOCOLS", "get_protocol"]
@@ -250,7 +250,8 @@ class Perceptual(Protocol):
 class Segmentation(Protocol):
     """``segmentation`` (ArtifactGSI Table 2): a tissue-segmentation U-Net trained on the clean images of the
     split's training part (``evaluation.segmentation.SegmentationRecipe``) segments each restored image;
-    ``miou`` per slice is torchmetrics' mean IoU against the tissue labels over the classes present. Needs
+    ``miou`` per slice is torchmetrics' mean IoU against the tissue labels over the classes present, and
+    ``iou_<class>`` each class's IoU (slices where the class is in neither map are skipped). Needs
     ``tissue_labels`` in the batch (synthetic benchmark). The record carries the segmenter's sha256.
     """
 
@@ -271,15 +272,19 @@ class Segmentation(Protocol):
         return segmenter(self.root, self.split, self.recipe)
 
     def metrics(self) -> dict[str, SliceMetric]:
-        if self.root is None:  # unbound: only the metric names and directions are asked for
-            return {"miou": MeanIoUMetric(torch.nn.Identity(), self.recipe)}
-        return {"miou": MeanIoUMetric(self._segmenter()[0], self.recipe)}
+        # unbound: only the metric names and directions are asked for
+        net = torch.nn.Identity() if self.root is None else self._segmenter()[0]
+        return {"miou": MeanIoUMetric(net, self.recipe),
+                **{f"iou_{name}": ClassIoUMetric() for name in self.recipe.class_names}}
 
     def update(self, metrics, pred_hu, batch) -> None:
         if "tissue_labels" not in batch:
             raise ValueError("the segmentation protocol needs 'tissue_labels' in the batch (data keys); the "
                              "synthetic benchmark writes them")
-        metrics["miou"].update(pred_hu, batch["tissue_labels"])
+        mean, per_class = metrics["miou"].score(pred_hu, batch["tissue_labels"])
+        metrics["miou"].update(mean)
+        for c, name in enumerate(self.recipe.class_names):
+            metrics[f"iou_{name}"].update(per_class[:, c])
 
     def to_dict(self) -> dict:
         return {k: v for k, v in super().to_dict().items() if k not in ("root", "split")}

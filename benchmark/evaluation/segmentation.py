@@ -26,7 +26,7 @@ from marbench.physics.backends import default_cache_dir
 
 from .metrics import SliceMetric
 
-__all__ = ["SegmentationRecipe", "segmenter", "MeanIoUMetric", "CleanImage"]
+__all__ = ["SegmentationRecipe", "segmenter", "MeanIoUMetric", "ClassIoUMetric", "CleanImage"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class SegmentationRecipe:
     windows mapped to [0, 1] (a wide one for air, lung and bone, a soft-tissue one that separates fat, muscle and
     organ), cross entropy over the tissue classes, Adam, fixed seed."""
 
-    classes: int = 9
+    class_names: tuple[str, ...] = ("air", "lung", "fat", "muscle", "organ", "cancellous_bone", "cortical_bone",
+                                    "brain", "csf")  # label ids of datasets.synthetic.tissues
     wide_hu: tuple[float, float] = (-1000.0, 1500.0)
     soft_tissue_hu: tuple[float, float] = (-150.0, 150.0)
     base: int = 8
@@ -49,6 +50,10 @@ class SegmentationRecipe:
         from marbench.methods.unet import UNet
 
         return UNet(2, self.classes, self.base, self.depth)
+
+    @property
+    def classes(self) -> int:
+        return len(self.class_names)
 
     def inputs(self, hu: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)`` HU -> ``(B, 2, H, W)`` network input."""
@@ -116,7 +121,8 @@ def _train(net: torch.nn.Module, root, split, recipe: SegmentationRecipe, path: 
 
 class MeanIoUMetric(SliceMetric):
     """Mean IoU per slice over the classes present in the label map or the prediction (torchmetrics
-    ``mean_iou``, index input); the segmentation is of the restored image."""
+    ``mean_iou``, index input) of the segmenter applied to the restored image: ``score`` segments and scores,
+    ``update`` records the per-slice means."""
 
     higher_is_better = True
 
@@ -124,10 +130,28 @@ class MeanIoUMetric(SliceMetric):
         super().__init__(**kwargs)
         self.net, self.recipe = net, recipe
 
-    def update(self, restored_hu: torch.Tensor, labels: torch.Tensor) -> None:
+    def score(self, restored_hu: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean IoU ``(B,)`` and per-class IoU ``(B, classes)`` (NaN for a class in neither map) of restored images
+        ``(B, 1, H, W)`` in HU against label maps ``(B, 1, H, W)``."""
         with torch.no_grad():
             pred = self.net(self.recipe.inputs(restored_hu)).argmax(1)
-        self._append(mean_iou(pred, labels[:, 0], num_classes=self.recipe.classes, input_format="index"))
+        target = labels[:, 0]
+        mean = mean_iou(pred, target, num_classes=self.recipe.classes, input_format="index")
+        per_class = mean_iou(pred, target, num_classes=self.recipe.classes, per_class=True, input_format="index")
+        return mean, torch.where(per_class < 0, torch.full_like(per_class, float("nan")), per_class)
+
+    def update(self, values: torch.Tensor) -> None:
+        self._append(values)
+
+
+class ClassIoUMetric(SliceMetric):
+    """One class's IoU per slice (NaN where the class is in neither the labels nor the prediction; the
+    aggregates skip those slices)."""
+
+    higher_is_better = True
+
+    def update(self, values: torch.Tensor) -> None:
+        self._append(values)
 
 
 class CleanImage(MARMethod):

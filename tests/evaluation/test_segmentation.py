@@ -22,6 +22,10 @@ def test_segmentation_rows_rank_clean_above_li_above_uncorrected(tiny_benchmark,
         record = read_record(path)
         miou[method.card.name] = record["metrics"]["overall"]["miou"]["mean"]
     assert len(record["protocol"]["weights_sha256"]["segmenter"]) == 64 and "root" not in record["protocol"]
+    overall = record["metrics"]["overall"]
+    assert {f"iou_{c}" for c in RECIPE.class_names} <= set(overall)
+    assert overall["iou_air"]["n"] == record["dataset"]["slices"]  # air is in every slice
+    assert 0 <= overall["iou_air"]["mean"] <= 1
     assert miou["clean-image"] > miou["li"] > miou["uncorrected"]
 
 
