@@ -33,12 +33,9 @@ def unit_to_hu(unit: torch.Tensor) -> torch.Tensor:
 
 
 def hu_to_deeplesion_mu(hu: torch.Tensor) -> torch.Tensor:
-    """Attenuation in cm^-1 on the DeepLesion scale ``HU/1000*0.192 + 0.192`` (water 0.192, air 0); unclipped."""
-    return hu / 1000.0 * DEEPLESION_MU_WATER_PER_CM + DEEPLESION_MU_WATER_PER_CM
-
-
-def _deeplesion_mu_to_hu(mu: torch.Tensor) -> torch.Tensor:
-    return (mu / DEEPLESION_MU_WATER_PER_CM - 1.0) * 1000.0
+    """Attenuation in cm^-1 on the DeepLesion scale ``HU/1000*0.192 + 0.192`` (water 0.192, air 0); unclipped.
+    (``hu_to_mu`` is unit-agnostic: its water value here is per cm.)"""
+    return hu_to_mu(hu, DEEPLESION_MU_WATER_PER_CM)
 
 
 def hu_to_adn(hu: torch.Tensor) -> torch.Tensor:
@@ -49,7 +46,7 @@ def hu_to_adn(hu: torch.Tensor) -> torch.Tensor:
 
 def adn_to_hu(x: torch.Tensor) -> torch.Tensor:
     """Inverse of ``hu_to_adn`` on ``[-1, 1]`` (ADN's tanh output range)."""
-    return _deeplesion_mu_to_hu((x + 1.0) / 2.0 * 0.5)
+    return mu_to_hu((x + 1.0) / 2.0 * 0.5, DEEPLESION_MU_WATER_PER_CM)
 
 
 def hu_to_oscnet(hu: torch.Tensor) -> torch.Tensor:
@@ -60,4 +57,4 @@ def hu_to_oscnet(hu: torch.Tensor) -> torch.Tensor:
 
 def oscnet_to_hu(x: torch.Tensor) -> torch.Tensor:
     """Inverse of ``hu_to_oscnet`` (not clipped: OSCNet's output is unbounded)."""
-    return _deeplesion_mu_to_hu(x / 255.0)
+    return mu_to_hu(x / 255.0, DEEPLESION_MU_WATER_PER_CM)

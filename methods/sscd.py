@@ -87,6 +87,14 @@ class MaskPyramidUNet(nn.Module):
         return self.head(x)[..., :h, :w]
 
 
+def _by_anatomy(anatomies: list[str]) -> dict[str, list[int]]:
+    """Batch indices per anatomy (each anatomy has its own geometry and projector)."""
+    groups: dict[str, list[int]] = {}
+    for i, a in enumerate(anatomies):
+        groups.setdefault(a, []).append(i)
+    return dict(sorted(groups.items()))
+
+
 def metal_trace_replacement(li_sinogram: torch.Tensor, prior_sinogram: torch.Tensor,
                             trace: torch.Tensor) -> torch.Tensor:
     """Prior-image metal trace replacement with residual LI (Eq. 8-9).
@@ -206,8 +214,7 @@ class SelfSupervisedCrossDomainMAR(MARMethod):
         # two mask batches: the masks of the next and the second-next slice (M1 != M2 whenever n >= 2)
         m1, m2 = metal.roll(1, dims=0), metal.roll(2 if n > 2 else 0, dims=0)
         totals: dict[str, torch.Tensor] = {}
-        for anatomy in sorted(set(batch["anatomy"])):
-            idx = [i for i, a in enumerate(batch["anatomy"]) if a == anatomy]
+        for anatomy, idx in _by_anatomy(batch["anatomy"]).items():
             parts = self.losses(sinogram[idx], (m1[idx], m2[idx]), self.projector(anatomy, sinogram.device))
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v * len(idx) / n
@@ -255,8 +262,7 @@ class SelfSupervisedCrossDomainMAR(MARMethod):
         ma = batch["ma_image"]
         metal = self.inference_metal_mask(batch)
         out = torch.empty_like(ma)
-        for anatomy in sorted(set(batch["anatomy"])):
-            idx = [i for i, a in enumerate(batch["anatomy"]) if a == anatomy]
+        for anatomy, idx in _by_anatomy(batch["anatomy"]).items():
             p = self.projector(anatomy, ma.device)
             mu = self.reconstruct(batch["ma_sinogram"][idx], metal[idx], p)
             out[idx] = mu_to_hu(mu, p.geometry.mu_water_per_mm)

@@ -74,6 +74,7 @@ class Evaluator(L.Callback):
         # set-level metrics: protocol -> slice_id -> metric -> features, for the method and the references
         self.features: dict[str, dict] = {p.name: {} for p in self.protocols if p.set_directions}
         self.references: dict[str, dict] = {}
+        self.cached_reference_ids: dict[str, set] = {}
         self.reference_paths: dict[str, Path] = {}
         for p in self.protocols:
             if p.set_directions:
@@ -81,6 +82,7 @@ class Evaluator(L.Callback):
                                             p.weights_sha256())
                 self.reference_paths[p.name] = path
                 self.references[p.name] = load_reference_features(path)
+                self.cached_reference_ids[p.name] = set(self.references[p.name])
         self._t0 = time.perf_counter()
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
@@ -147,7 +149,7 @@ class Evaluator(L.Callback):
             if p.set_directions:
                 ids = list(sub["slice_id"])
                 refs = references[p.name]
-                if any(sid not in load_reference_features(self.reference_paths[p.name]) for sid in ids):
+                if not set(ids) <= self.cached_reference_ids[p.name]:
                     save_reference_features(self.reference_paths[p.name], {sid: refs[sid] for sid in ids})
                 for m in p.set_directions:
                     set_values[m] = p.set_metric(m, np.stack([features[p.name][sid][m] for sid in ids]),

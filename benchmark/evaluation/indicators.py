@@ -19,11 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import ndimage
 
 from marbench.converters import window
 
+from .evaluator import aggregate
 from .perceptual import backbones, perceptual_indicator
 from .records import RECORD_VERSION, manifest, write_record
 
@@ -127,18 +129,12 @@ def evaluate_indicators(method, data_root: str | Path, dataset: str, out_dir: st
             rows.append({"slice_id": f"{kind}/{sid}", "category": kind, "lp": lp, "x": x, "seconds": 0.0})
     sweeps = {k: [sorted(v) for _, v in sorted(levels[k].items())] for k in levels}
     pi = {"pi_q": perceptual_indicator(sweeps["quantity"]), "pi_s": perceptual_indicator(sweeps["size"])}
-    frame_lp = np.array([r["lp"] for r in rows])
-    by_kind = {k: {"lp": {"mean": float(np.mean([r["lp"] for r in rows if r["category"] == k])),
-                          "std": float(np.std([r["lp"] for r in rows if r["category"] == k])),
-                          "n": sum(r["category"] == k for r in rows)}} for k in levels}
     record = {
         "record_version": RECORD_VERSION, "method": method.card.to_dict(),
         "dataset": {"name": dataset, "root": str(data_root), "split": "sweeps", "split_sha256": None,
                     "data_manifest_sha256": None, "slices": len(rows)},
         "seed": seed, "protocol": protocol.to_dict(),
-        "metrics": {"overall": {"lp": {"mean": float(frame_lp.mean()), "std": float(frame_lp.std()),
-                                       "n": len(rows)}},
-                    "per_category": by_kind, "set": pi},
+        "metrics": {**aggregate(pd.DataFrame(rows), ["lp"]), "set": pi},
         "slices": rows,
         "manifest": manifest(config, seed, str(method.device), 1, {"evaluation_s": time.perf_counter() - t0}),
     }
