@@ -41,14 +41,20 @@ def _splits_editmar(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from marbench.registry import available_methods
+    from marbench.evaluation.protocols import PROTOCOLS
+    from marbench.method import METHODS
 
-    methods = available_methods()
-    width = max(len(n) for n in methods)
-    for name, cls in methods.items():
+    methods = METHODS.items()
+    width = max(len(n) for n, _ in methods)
+    print("methods:")
+    for name, cls in methods:
         card = cls.card
         kind = "trained" if card.trainable else "no training"
-        print(f"{name:{width}s}  {kind:11s}  needs {', '.join(card.needs)}\n{'':{width}s}  {card.paper}")
+        train = f"; training also {', '.join(card.training_inputs)}" if card.training_inputs else ""
+        print(f"  {name:{width}s}  {kind:11s}  inputs {', '.join(card.inputs)}{train}\n  {'':{width}s}  {card.paper}")
+    print("protocols:")
+    for name, p in PROTOCOLS.items():
+        print(f"  {name:{width}s}  v{p.version}  {', '.join(p.metric_names)}")
     return 0
 
 
@@ -69,10 +75,7 @@ def _rerun(args: argparse.Namespace) -> int:
     from marbench.bench import rerun
 
     protocols = [p for p in (args.protocols or "").split(",") if p]
-    if not protocols and not args.indicators:
-        print("nothing to do: give --protocols and/or --indicators", file=sys.stderr)
-        return 2
-    done = rerun([Path(c) for c in args.configs] or None, protocols, args.indicators, data_root=args.data)
+    done = rerun([Path(c) for c in args.configs] or None, protocols or None)
     print(f"records written for {', '.join(done)}")
     return 0
 
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     editmar.add_argument("--train-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     editmar.add_argument("--seed", type=int, default=0)
     editmar.set_defaults(func=_splits_editmar)
-    sub.add_parser("list", help="registered methods, their papers and inputs").set_defaults(func=_list)
+    sub.add_parser("list", help="registered methods (papers, inputs) and protocols").set_defaults(func=_list)
     sub.add_parser("weights", help="feature-backbone weight files: present and verified?").set_defaults(func=_weights)
     bench = sub.add_parser("bench", help="simulate, train, evaluate every config, rebuild the leaderboard")
     bench.add_argument("configs", nargs="*", help="configs to run (default: configs/bench/*.yaml)")
@@ -127,9 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     rr = sub.add_parser("rerun", help="re-evaluate benched configs from runs/bench checkpoints, without training")
     rr.add_argument("configs", nargs="*", help="configs (default: configs/bench/*.yaml)")
-    rr.add_argument("--protocols", help="comma-separated protocols to evaluate (replacing the config's list)")
-    rr.add_argument("--indicators", action="store_true", help="also PI_q / PI_s on the benchmark's metal sweeps")
-    rr.add_argument("--data", default="data/smoke")
+    rr.add_argument("--protocols", help="comma-separated protocols to evaluate (default: the config's list)")
     rr.set_defaults(func=_rerun)
     lb = sub.add_parser("leaderboard", help="rebuild leaderboards/ from leaderboards/results/*.json")
     lb.add_argument("--root", default="leaderboards")

@@ -2,6 +2,15 @@
 
 Every method converts inside itself with these functions, so two methods that claim the same convention
 really use the same one (methods with their own published conventions add theirs here).
+
+>>> window(torch.tensor([-1000.0, 400.0, 2000.0]), -500.0, 1300.0).tolist()
+[0.0, 0.5, 1.0]
+>>> hu_to_unit(torch.tensor([-1000.0, 0.0])).tolist()
+[0.0, 0.5]
+>>> [round(v, 4) for v in hu_to_adn(torch.tensor([-1000.0, 0.0, 4000.0])).tolist()]
+[-1.0, -0.232, 1.0]
+>>> round(float(oscnet_to_hu(hu_to_oscnet(torch.tensor(250.0)))), 3)
+250.0
 """
 from __future__ import annotations
 
@@ -13,7 +22,8 @@ __all__ = ["hu_to_mu", "mu_to_hu", "window", "hu_to_unit", "unit_to_hu", "DEEPLE
            "hu_to_deeplesion_mu", "hu_to_adn", "adn_to_hu", "hu_to_oscnet", "oscnet_to_hu"]
 
 # DeepLesion-trained methods (ADN, OSCNet) work on attenuation images with water at 0.192 cm^-1
-# (seed 000 Sec. 3.2: ``att = HU/1000*0.192 + 0.192``).
+# (Emirdagi et al., 'Leveraging Image Editing Foundation Models for Data-Efficient CT Metal Artifact
+# Reduction', Sec. 3.2: ``att = HU/1000*0.192 + 0.192``).
 DEEPLESION_MU_WATER_PER_CM = 0.192
 
 

@@ -1,11 +1,17 @@
 """Leaderboards: merge result records into tables and figures under ``leaderboards/``.
 
-For every (dataset, protocol) the records of all methods (and seeds) are merged into one table: a row per
-method, a column per metric ``mean +- std`` over slices, the best value in bold, an arrow for the direction
-(higher or lower is better), and the records' split hash and protocol version in the caption. Records whose
-split hash or protocol version differ are refused, naming both. Also: per-category tables, a bar chart per
-metric, a qualitative panel (input, each method, target, absolute error maps underneath; Emirdagi et al.
-Fig. 2 style), ablation tables (a method's variants beside the paper's numbers, ``ABLATIONS``) and
+For every (dataset, protocol) the records of all method rows and training seeds are merged into one table: a
+row per method, a column per metric (the metric's own declaration, ``protocols.MetricSpec``, gives its
+direction, unit and digits). A cell is ``mean ± std [95 % bootstrap interval of the mean]`` over slices, the
+slice values first averaged over the row's training seeds; rows trained with several seeds add ``; seeds ± s``,
+the standard deviation of the per-seed means. The best value is bold only where it holds across seeds (every
+seed of the best row beats every seed of each other row) and not when all rows tie. Metrics undefined in a
+scope (a tissue class that no slice of it holds) get no column. Records whose split hash, protocol version or
+backbone weights differ are refused, naming both.
+
+Also: per-category tables, paired Wilcoxon tests against the best row, a horizontal bar chart per metric
+(sorted, with the bootstrap interval as whiskers), a qualitative panel (input, each method, target, error maps;
+Emirdagi et al. Fig. 2 style), the paper-vs-ours tables that methods declare (``MARMethod.paper_tables``) and
 ``index.html``. Every file is written to a temporary name and renamed.
 """
 from __future__ import annotations
@@ -20,156 +26,160 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from marbench.evaluation.records import read_record
+from marbench.evaluation.records import Record, read_record
 from marbench.evaluation.statistics import bootstrap_ci, paired_wilcoxon
 from marbench.files import atomic_write
+from marbench.method import METHODS, PaperTable
 
-__all__ = ["build_leaderboards", "check_leaderboards", "merge_records", "TABLE_NAME", "Ablation", "ABLATIONS"]
+__all__ = ["build_leaderboards", "check_leaderboards", "merge_records", "paper_table_markdown", "Row",
+           "TABLE_NAME"]
 
 TABLE_NAME = "{dataset}__{protocol}"
-_ORDER_FIRST = ("uncorrected",)
+_ORDER_FIRST = ("uncorrected", "clean-image")
 
 
-@dataclass(frozen=True)
-class Ablation:
-    """An ablation table: a method's variant rows (record method names, in the paper's order) on one protocol,
-    beside the numbers the paper reports for them."""
-
-    name: str
-    source: str
-    protocol: str
-    rows: tuple[tuple[str, str], ...]  # (record method name, the paper's row label)
-    paper: dict[str, dict[str, float]]  # row label -> metric -> value
-    order_metric: str  # the metric whose order across rows the paper reports
-
-    def markdown(self, dataset: str, records: dict[str, dict]) -> str | None:
-        """The table for ``records`` (method name -> record of ``self.protocol``), or None without any row."""
-        present = [(m, label) for m, label in self.rows if m in records]
-        if not present:
-            return None
-        metrics = list(next(iter(self.paper.values())))
-        directions = records[present[0][0]]["protocol"]["directions"]
-        lines = [f"### {dataset} / {self.name} ablation ({self.protocol})\n", f"{self.source}; ours: mean ± std "
-                 "over slices [95 % bootstrap interval], the paper's value beside.\n",
-                 "| row | method | " + " | ".join(f"{m} {'↑' if directions[m] else '↓'} | paper {m}" for m in metrics)
-                 + " |", "|---|---|" + "---|---|" * len(metrics)]
-        means = {}
-        for method, label in present:
-            cells = []
-            for m in metrics:
-                v = _slice_values(records[method], m, None)
-                lo, hi = bootstrap_ci(v.to_numpy())
-                digits = 4 if any(k in m for k in ("ssim", "lp", "miou")) else 2
-                cells += [f"{v.mean():.{digits}f} ± {v.std(ddof=0):.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]",
-                          f"{self.paper[label][m]:.{digits}f}"]
-            means[label] = float(_slice_values(records[method], self.order_metric, None).mean())
-            lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
-        if len(present) == len(self.rows):
-            labels = [label for _, label in self.rows]
-            higher = directions[self.order_metric]
-            steps = zip(labels, labels[1:], strict=False)
-            holds = all(means[b] > means[a] if higher else means[b] < means[a] for a, b in steps)
-            relation = (" < " if higher else " > ").join(labels)
-            verdict = "holds" if holds else "does not hold"
-            lines.append(f"\nThe paper's order ({self.order_metric}: {relation}) **{verdict}** here.")
-        return "\n".join(lines) + "\n"
-
-
-# Yu et al. (paper 004) Table I, DeepLesion simulation: RMSE (HU) and SSIM of the four rows
-ABLATIONS = (
-    Ablation("sscd", "Yu et al. (paper 004) Table I", "aapm-hu",
-             (("sscd-sinonet", "SinoNet"), ("sscd-sinonet-fbpcons", "SinoNet+FBPcons"),
-              ("sscd-joint", "JointLearning"), ("sscd-joint-mtr", "JointLearning+MTR")),
-             {"SinoNet": {"rmse_hu": 42.60, "ssim": 0.9727}, "SinoNet+FBPcons": {"rmse_hu": 41.97, "ssim": 0.9731},
-              "JointLearning": {"rmse_hu": 36.28, "ssim": 0.9755},
-              "JointLearning+MTR": {"rmse_hu": 34.20, "ssim": 0.9773}}, "rmse_hu"),
-)
-
-
-def merge_records(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Group records by (dataset, protocol), refusing mixed split hashes or protocol versions.
+def merge_records(records: list[Record]) -> dict[tuple[str, str], list[Record]]:
+    """Group records by (dataset, protocol), refusing mixed split hashes, protocol versions or backbone weights.
 
     Raises:
-        ValueError: two records of one (dataset, protocol) with different ``split_sha256`` or protocol
-            ``version`` (the message names both records).
+        ValueError: two records of one (dataset, protocol) that differ in one of those (names both records).
     """
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in records:
-        groups[(r["dataset"]["name"], r["protocol"]["name"])].append(r)
+        groups[(r.dataset["name"], r.protocol["name"])].append(r)
     for key, rs in groups.items():
         first = rs[0]
         for r in rs[1:]:
-            for label, get in (("split sha256", lambda x: x["dataset"].get("split_sha256")),
-                               ("protocol version", lambda x: x["protocol"]["version"]),
-                               ("backbone weights", lambda x: x["protocol"].get("weights_sha256", {}))):
+            for label, get in (("split sha256", lambda x: x.dataset.get("split_sha256")),
+                               ("protocol version", lambda x: x.protocol["version"]),
+                               ("backbone weights", lambda x: x.protocol.get("weights_sha256", {}))):
                 if get(r) != get(first):
-                    raise ValueError(f"cannot merge {key}: {r['_path']} has {label} {get(r)!r} but "
-                                     f"{first['_path']} has {get(first)!r}")
+                    raise ValueError(f"cannot merge {key}: {r.path.name} has {label} {get(r)!r} but "
+                                     f"{first.path.name} has {get(first)!r}")
     return dict(groups)
 
 
-def _method_order(names: list[str]) -> list[str]:
-    return sorted(names, key=lambda n: (n not in _ORDER_FIRST, n))
+@dataclass
+class Row:
+    """One method row of a table: its records, one per training seed."""
+
+    name: str
+    records: list[Record]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.records)
+
+    def per_seed(self, metric: str, scope: str | None) -> list[pd.Series]:
+        """Per training seed, the metric's slice values (NaN-free, indexed by ``slice_id``) in ``scope``."""
+        out = []
+        for r in sorted(self.records, key=lambda r: r.seed):
+            rows = [s for s in r.slices if scope is None or s["category"] == scope]
+            out.append(pd.Series({s["slice_id"]: s.get(metric) for s in rows}, dtype=float).dropna().sort_index())
+        return out
+
+    def values(self, metric: str, scope: str | None = None) -> pd.Series:
+        """The metric's slice values averaged over the training seeds (slices every seed has)."""
+        seeds = self.per_seed(metric, scope)
+        return pd.concat(seeds, axis=1, join="inner").mean(axis=1) if len(seeds) > 1 else seeds[0]
+
+    def seed_means(self, metric: str, scope: str | None = None) -> np.ndarray:
+        return np.array([float(v.mean()) for v in self.per_seed(metric, scope)])
+
+    def set_values(self, metric: str) -> np.ndarray:
+        return np.array([float(r.metrics["set"][metric]) for r in self.records])
+
+    @property
+    def flagged_weights(self) -> bool:
+        """The row uses a random or stand-in backbone (its numbers are not the published method's)."""
+        w = self.records[0].method.get("weights", {})
+        return any(str(v) == "random" or str(v).startswith("stand-in") for v in w.values())
 
 
-def _slice_values(record: dict, metric: str, scope: str | None) -> pd.Series:
-    rows = [r for r in record["slices"] if scope is None or r["category"] == scope]
-    # NaN marks a slice where the metric is undefined (a tissue class absent from both label maps): skipped
-    return pd.Series({r["slice_id"]: r[metric] for r in rows}, dtype=float).dropna().sort_index()
-
-
-def _table(records: list[dict], scope: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame,
-                                                                   dict[str, bool]]:
-    """(display table, numeric table, Wilcoxon table, directions) for overall (``scope=None``) or a category.
-
-    The numeric table has, per metric, the mean, std and 95 % bootstrap interval over slices; the Wilcoxon
-    table the paired p-value of each method against the best one on the same slices.
-    """
-    directions = dict(records[0]["protocol"]["directions"])
-    metrics = list(directions)
-    by_name = {}
+def _rows(records: list[Record]) -> list[Row]:
+    by_name: dict[str, list[Record]] = defaultdict(list)
     for r in records:
-        if scope is not None and scope not in r["metrics"]["per_category"]:
+        by_name[r.method["name"]].append(r)
+    names = sorted(by_name, key=lambda n: (n not in _ORDER_FIRST, _ORDER_FIRST.index(n) if n in _ORDER_FIRST else 0,
+                                            n))
+    return [Row(n, by_name[n]) for n in names]
+
+
+def _best(rows: list[Row], means: dict[str, float], seed_values: dict[str, np.ndarray], higher: bool) -> str | None:
+    """The best row, if it is best across seeds and not tied with every other row; else None."""
+    finite = {n: m for n, m in means.items() if np.isfinite(m)}
+    if len(finite) < 2 or len(set(np.round(list(finite.values()), 12))) == 1:
+        return None
+    best = max(finite, key=finite.get) if higher else min(finite, key=finite.get)
+    worst_of_best = seed_values[best].min() if higher else seed_values[best].max()
+    for n in finite:
+        if n == best:
             continue
-        by_name[r["method"]["name"] + ("" if r["seed"] == 0 else f" (seed {r['seed']})")] = r
-    order = _method_order(list(by_name))
-    numeric = pd.DataFrame(index=order)
-    pvalues = pd.DataFrame(index=order)
-    display = pd.DataFrame(index=order)
-    for m in metrics:
-        values = {n: _slice_values(by_name[n], m, scope) for n in order}
-        if all(v.empty for v in values.values()):  # undefined in this scope (a tissue class none of it holds)
+        best_of_other = seed_values[n].max() if higher else seed_values[n].min()
+        if (worst_of_best <= best_of_other) if higher else (worst_of_best >= best_of_other):
+            return None
+    return best
+
+
+def _table(records: list[Record], scope: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame,
+                                                                     list[dict]]:
+    """(display table, numeric table, Wilcoxon table, metric specs shown) for overall (``scope=None``) or one
+    category."""
+    specs = records[0].metric_specs
+    rows = [r for r in _rows(records) if scope is None or any(scope in x.metrics["per_category"] for x in r.records)]
+    index = [r.name for r in rows]
+    numeric, pvalues, display = (pd.DataFrame(index=index) for _ in range(3))
+    shown = []
+    for spec in specs:
+        m, digits, higher = spec["name"], spec["digits"], spec["higher_is_better"]
+        col = f"{m} {'↑' if higher else '↓'}"
+        if spec["level"] == "set":
+            if scope is not None:
+                continue
+            means = {r.name: float(r.set_values(m).mean()) for r in rows}
+            best = _best(rows, means, {r.name: r.set_values(m) for r in rows}, higher)
+            numeric[m] = [means[n] for n in index]
+            cells = []
+            for r in rows:
+                cell = f"{means[r.name]:.{digits}f}"
+                cell = f"**{cell}**" if r.name == best else cell
+                if len(r.records) > 1:
+                    cell += f"; seeds ± {r.set_values(m).std(ddof=0):.{digits}f}"
+                cells.append(cell)
+            display[col] = cells
+            shown.append(spec)
             continue
-        numeric[m] = [float(values[n].mean()) for n in order]
-        numeric[f"{m}_std"] = [float(values[n].std(ddof=0)) for n in order]
-        cis = [bootstrap_ci(values[n].to_numpy()) for n in order]
+        values = {r.name: r.values(m, scope) for r in rows}
+        if all(v.empty for v in values.values()):  # undefined in this scope
+            continue
+        means = {n: float(v.mean()) if not v.empty else float("nan") for n, v in values.items()}
+        best = _best(rows, means, {r.name: r.seed_means(m, scope) for r in rows}, higher)
+        reference = best or (max if higher else min)((n for n in index if np.isfinite(means[n])), key=means.get)
+        numeric[m] = [means[n] for n in index]
+        numeric[f"{m}_std"] = [float(values[n].std(ddof=0)) for n in index]
+        cis = [bootstrap_ci(values[n].to_numpy()) for n in index]
         numeric[f"{m}_ci_low"], numeric[f"{m}_ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
-        best = numeric[m].idxmax() if directions[m] else numeric[m].idxmin()
-        pvalues[m] = [float("nan") if n == best else paired_wilcoxon(*values[n].align(values[best], join="inner"))
-                      for n in order]
-        digits = 4 if any(k in m for k in ("ssim", "lp", "miou")) else 2
+        numeric[f"{m}_seed_std"] = [float(r.seed_means(m, scope).std(ddof=0)) for r in rows]
+        pvalues[m] = [float("nan") if n == reference else
+                      paired_wilcoxon(*values[n].align(values[reference], join="inner")) for n in index]
         cells = []
-        for n, (lo, hi) in zip(order, cis, strict=True):
-            cell = f"{numeric.loc[n, m]:.{digits}f} ± {numeric.loc[n, f'{m}_std']:.{digits}f}"
-            cell = f"**{cell}**" if n == best else cell
-            cells.append(f"{cell} [{lo:.{digits}f}, {hi:.{digits}f}]")
-        display[f"{m} {'↑' if directions[m] else '↓'}"] = cells
-    if scope is None:  # set-level metrics (FID) exist for the whole split only
-        for m, higher in records[0]["protocol"].get("set_directions", {}).items():
-            numeric[m] = [float(by_name[n]["metrics"]["set"][m]) for n in order]
-            best = numeric[m].idxmax() if higher else numeric[m].idxmin()
-            display[f"{m} {'↑' if higher else '↓'}"] = [f"**{v:.4g}**" if n == best else f"{v:.4g}"
-                                                       for n, v in zip(order, numeric[m], strict=True)]
-    numeric["s/slice"] = [float(_slice_values(by_name[n], "seconds", scope).mean()) for n in order]
+        for r, (lo, hi) in zip(rows, cis, strict=True):
+            v = values[r.name]
+            cell = f"{means[r.name]:.{digits}f} ± {v.std(ddof=0):.{digits}f}"
+            cell = f"**{cell}**" if r.name == best else cell
+            cell += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+            if len(r.records) > 1:
+                cell += f"; seeds ± {r.seed_means(m, scope).std(ddof=0):.{digits}f}"
+            cells.append(cell)
+        display[col] = cells
+        shown.append(spec)
+    numeric["seeds"] = display["seeds"] = [len(r.records) for r in rows]
+    numeric["s/slice"] = [float(r.values("seconds", scope).mean()) for r in rows]
     display["s/slice"] = [f"{v:.3f}" for v in numeric["s/slice"]]
+    display.index = [f"{r.name}†" if r.flagged_weights else r.name for r in rows]
     for df in (display, numeric, pvalues):
         df.index.name = "method"
-    return display, numeric, pvalues, directions
-
-
-def _pvalue_markdown(pvalues: pd.DataFrame) -> str:
-    shown = pvalues.map(lambda p: "best" if np.isnan(p) else f"{p:.3g}")
-    return _markdown(shown)
+    return display, numeric, pvalues, shown
 
 
 def _markdown(df: pd.DataFrame) -> str:
@@ -180,18 +190,78 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bar_chart(mean_df: pd.DataFrame, directions: dict[str, bool], title: str, path: Path) -> None:
+def _pvalue_markdown(pvalues: pd.DataFrame) -> str:
+    return _markdown(pvalues.map(lambda p: "reference" if np.isnan(p) else f"{p:.3g}"))
+
+
+def paper_table_markdown(table: PaperTable, dataset: str, records: list[Record]) -> str | None:
+    """The paper-vs-ours table of ``table`` from one (dataset, ``table.protocol``)'s records, or None when none of
+    its rows has a record. Ours: mean over slices (and training seeds) [95 % bootstrap interval]."""
+    rows = {r.name: r for r in _rows(records)}
+    present = [(name, label) for name, label in table.rows if name in rows]
+    if not present:
+        return None
+    specs = {s["name"]: s for s in records[0].metric_specs}
+    metrics = list(next(iter(table.values.values())))
+    lines = [f"### {dataset} / {table.name} ({table.protocol})\n",
+             f"{table.source}. Ours: mean ± std over slices [95 % bootstrap interval] (averaged over training seeds "
+             "where a row has several); the paper's value beside."
+             + (f" {table.note}." if table.note else "") + "\n",
+             "| row | method | seeds | " + " | ".join(
+                 f"{m} {'↑' if specs[m]['higher_is_better'] else '↓'} | paper {m}" for m in metrics) + " |",
+             "|---|---|---|" + "---|---|" * len(metrics)]
+    means = {}
+    for name, label in present:
+        cells = []
+        for m in metrics:
+            d = specs[m]["digits"]
+            v = rows[name].values(m)
+            lo, hi = bootstrap_ci(v.to_numpy())
+            paper = table.values.get(label, {}).get(m)
+            cells += [f"{v.mean():.{d}f} ± {v.std(ddof=0):.{d}f} [{lo:.{d}f}, {hi:.{d}f}]",
+                      "—" if paper is None else f"{paper:.{d}f}"]
+        if table.order_metric:
+            means[label] = float(rows[name].values(table.order_metric).mean())
+        lines.append(f"| {label} | {name} | {len(rows[name].records)} | " + " | ".join(cells) + " |")
+    if table.order_metric and len(present) == len(table.rows):
+        labels = [label for _, label in table.rows]
+        higher = specs[table.order_metric]["higher_is_better"]
+        paper_order = sorted(labels, key=lambda lb: table.values[lb][table.order_metric], reverse=higher)
+        ours_order = sorted(labels, key=means.get, reverse=higher)
+        word = " > " if higher else " < "
+        verdict = "holds" if paper_order == ours_order else "does not hold"
+        lines.append(f"\nBest to worst by {table.order_metric}: paper {word.join(paper_order)}; ours "
+                     f"{word.join(ours_order)}. The paper's order **{verdict}** here.")
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(numeric: pd.DataFrame, specs: list[dict], title: str, path: Path) -> None:
+    """One horizontal bar chart per plotted slice metric: rows sorted best first, 95 % interval as whiskers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = list(directions)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
-    for ax, m in zip(np.atleast_1d(axes), metrics, strict=True):
-        ax.bar(mean_df.index, mean_df[m], color="tab:blue")
-        ax.set_title(f"{m} ({'higher' if directions[m] else 'lower'} is better)", fontsize=9)
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    plotted = [s for s in specs if s["level"] == "slice" and s.get("figure", True)]
+    if not plotted:
+        return
+    n = len(numeric.index)
+    fig, axes = plt.subplots(1, len(plotted), figsize=(4.2 * len(plotted), 0.9 + 0.32 * n), squeeze=False)
+    for ax, spec in zip(axes[0], plotted, strict=True):
+        m = spec["name"]
+        order = numeric[m].sort_values(ascending=not spec["higher_is_better"]).index[::-1]
+        mean = numeric.loc[order, m]
+        err = np.vstack([(mean - numeric.loc[order, f"{m}_ci_low"]).clip(lower=0),
+                         (numeric.loc[order, f"{m}_ci_high"] - mean).clip(lower=0)])
+        ax.barh(range(len(order)), mean, xerr=err, color="tab:blue", ecolor="black", capsize=2)
+        ax.set_yticks(range(len(order)), order, fontsize=8)
+        lo = float(numeric.loc[order, f"{m}_ci_low"].min())
+        hi = float(numeric.loc[order, f"{m}_ci_high"].max())
+        pad = 0.05 * (hi - lo if hi > lo else abs(hi) + 1e-9)
+        ax.set_xlim(lo - pad, hi + pad)
+        unit = f" ({spec['unit']})" if spec["unit"] else ""
+        ax.set_title(f"{m}{unit}, {'higher' if spec['higher_is_better'] else 'lower'} is better", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +301,32 @@ def _panel(results: Path, dataset: str, methods: list[str], path: Path) -> bool:
     return True
 
 
+def _caption(dataset: str, protocol: str, rs: list[Record], rows: list[Row]) -> str:
+    r0 = rs[0]
+    caption = (f"**{dataset}**, protocol `{protocol}` v{r0.protocol['version']}, {r0.dataset['slices']} slices, "
+               f"split sha256 `{str(r0.dataset['split_sha256'])[:12]}`; mean ± std over slices [95 % bootstrap "
+               "interval of the mean]; rows trained with several seeds are averaged over them and add '; seeds ± "
+               "s' (std of the per-seed means); bold: best, where it holds across seeds.\n\n")
+    weights = r0.protocol.get("weights_sha256", {})
+    if weights:
+        caption += ("Backbone weights: " + ", ".join(f"{k} `{v[:12]}`" for k, v in sorted(weights.items()))
+                    + ("; **random backbones: these values test the pipeline and are not comparable with "
+                       "published FID/LPIPS**" if "random" in weights.values() else "") + ".\n\n")
+    flagged = [r.name for r in rows if r.flagged_weights]
+    if flagged:
+        caption += ("† a random or stand-in backbone (see the record's method weights): the row measures the "
+                    "pipeline, not the published model.\n\n")
+    return caption
+
+
+def _paper_tables() -> list[PaperTable]:
+    seen: dict[str, PaperTable] = {}
+    for _, cls in METHODS.items():
+        for t in cls.paper_tables:
+            seen.setdefault(t.name, t)
+    return [seen[k] for k in sorted(seen)]
+
+
 def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool = True) -> list[Path]:
     """Rebuild every table (and, with ``figures``, the charts, panels and ``index.html``) from
     ``<root>/results/*.json``; returns the written paths.
@@ -239,59 +335,45 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
         ValueError: an unreadable record or records that cannot be merged.
     """
     root = Path(root)
-    records = []
-    for path in sorted((root / "results").glob("*.json")):
-        r = read_record(path)
-        r["_path"] = path.name
-        records.append(r)
+    records = [read_record(path) for path in sorted((root / "results").glob("*.json"))]
     written: list[Path] = []
     sections = []
+    paper_tables = _paper_tables()
     for (dataset, protocol), rs in sorted(merge_records(records).items()):
         stem = TABLE_NAME.format(dataset=dataset, protocol=protocol)
-        display, means, pvalues, directions = _table(rs)
-        r0 = rs[0]
-        caption = (f"**{dataset}**, protocol `{protocol}` v{r0['protocol']['version']}, "
-                   f"{r0['dataset']['slices']} test slices, split sha256 `{str(r0['dataset']['split_sha256'])[:12]}`; "
-                   "mean ± std over slices [95 % bootstrap interval of the mean], best in bold.\n\n")
-        weights = r0["protocol"].get("weights_sha256", {})
-        if weights:
-            caption += ("Backbone weights: " + ", ".join(f"{k} `{v[:12]}`" for k, v in sorted(weights.items()))
-                        + ("; **random backbones: these values test the pipeline and are not comparable with "
-                           "published FID/LPIPS**" if "random" in weights.values() else "") + ".\n\n")
-        categories = sorted({c for r in rs for c in r["metrics"]["per_category"]})
-        per_cat = []
-        for c in categories:
-            d, _, _, _ = _table(rs, c)
-            per_cat.append(f"\n#### {c}\n\n" + _markdown(d))
-        md = (f"### {dataset} / {protocol}\n\n" + caption + _markdown(display)
-              + "\nPaired Wilcoxon signed-rank p-value against the best method (same slices):\n\n"
-              + _pvalue_markdown(pvalues)
+        display, numeric, pvalues, shown = _table(rs)
+        categories = sorted({c for r in rs for c in r.metrics["per_category"]})
+        per_cat = [f"\n#### {c}\n\n" + _markdown(_table(rs, c)[0]) for c in categories]
+        md = (f"### {dataset} / {protocol}\n\n" + _caption(dataset, protocol, rs, _rows(rs)) + _markdown(display)
+              + "\nPaired Wilcoxon signed-rank p-value against the best row (or the best mean where no row is best "
+                "across seeds), same slices:\n\n" + _pvalue_markdown(pvalues)
               + "\n<details><summary>per category</summary>\n" + "".join(per_cat) + "\n</details>\n")
-        csv_table = means.join(pvalues.add_suffix("_p_vs_best"))
+        csv_table = numeric.join(pvalues.add_suffix("_p_vs_best"))
         for path, text in ((root / f"{stem}.md", md), (root / f"{stem}.csv", csv_table.to_csv(float_format="%.6g"))):
             atomic_write(path, text)
             written.append(path)
-        sections.append((stem, md, display))
-        for ablation in ABLATIONS:
-            if protocol != ablation.protocol:
+        sections.append((stem, display))
+        for table in paper_tables:
+            if table.protocol != protocol:
                 continue
-            table = ablation.markdown(dataset, {r["method"]["name"]: r for r in rs if r["seed"] == 0})
-            if table is not None:
-                path = root / f"{dataset}__{ablation.name}-ablation.md"
-                atomic_write(path, table)
+            text = paper_table_markdown(table, dataset, rs)
+            if text is not None:
+                path = root / f"{dataset}__{table.name}.md"
+                atomic_write(path, text)
                 written.append(path)
         if figures:
             chart = root / "figures" / f"{stem}.png"
-            _bar_chart(means, directions, f"{dataset} / {protocol}", chart)
-            written.append(chart)
+            _bar_chart(numeric, shown, f"{dataset} / {protocol}", chart)
+            if chart.is_file():
+                written.append(chart)
     if figures:
-        for dataset in sorted({r["dataset"]["name"] for r in records}):
+        for dataset in sorted({r.dataset["name"] for r in records}):
             panel = root / "figures" / f"{dataset}__panel.png"
-            methods = _method_order(sorted({r["method"]["name"] for r in records if r["dataset"]["name"] == dataset}))
+            methods = [row.name for row in _rows([r for r in records if r.dataset["name"] == dataset])]
             if _panel(root / "results", dataset, methods, panel):
                 written.append(panel)
         body = "".join(f"<h2>{html.escape(stem)}</h2>{d.to_html(escape=True)}"
-                       f"<img src='figures/{html.escape(stem)}.png'>" for stem, _, d in sections)
+                       f"<img src='figures/{html.escape(stem)}.png'>" for stem, d in sections)
         page = f"<!doctype html><meta charset='utf-8'><title>marbench leaderboard</title><h1>marbench</h1>{body}"
         atomic_write(root / "index.html", page)
         written.append(root / "index.html")

@@ -1,8 +1,10 @@
-"""LightningCLI for marbench: ``marbench fit|validate|test|predict --config configs/....yaml``.
+"""LightningCLI for marbench: ``marbench fit|validate|test|predict --config configs/bench/_base.yaml --config
+configs/bench/<row>.yaml``.
 
 The model is any ``MARMethod`` (``model.class_path``), the data any LightningDataModule; an ``Evaluator`` in
-``trainer.callbacks`` turns ``test`` into a leaderboard record. The resolved configuration is stored in the
-record's manifest.
+``trainer.callbacks`` turns ``test`` into leaderboard records. Several ``--config`` files merge in order, so the
+trainer and evaluator settings shared by every row live once in ``configs/bench/_base.yaml``. The resolved
+configuration is stored in each record's manifest.
 """
 from __future__ import annotations
 
@@ -18,17 +20,22 @@ __all__ = ["MarbenchCLI", "build_cli"]
 
 
 class MarbenchCLI(LightningCLI):
-    def _resolved_config(self) -> dict:
+    def resolved_config(self) -> dict:
+        """The run's resolved configuration (model, data, trainer, seed) as plain JSON types."""
         cfg = json.loads(self.parser.dump(self.config, format="json", skip_check=True))
         return cfg.get(self.subcommand, cfg) if self.subcommand else cfg
 
-    def _attach_config(self) -> None:
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, Evaluator):
-                cb.config = self._resolved_config()
+    def evaluators(self) -> list[Evaluator]:
+        """The ``Evaluator`` callbacks of the trainer."""
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, Evaluator)]
+
+    def attach_config(self) -> None:
+        """Give every evaluator the resolved configuration (for the records' manifests)."""
+        for cb in self.evaluators():
+            cb.config = self.resolved_config()
 
     def before_test(self) -> None:
-        self._attach_config()
+        self.attach_config()
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MarbenchCLI:

@@ -1,4 +1,4 @@
-"""AAPM CT-MAR datasets and Lightning datamodule on the suite's batch convention (``../shared/DESIGN.md``).
+"""AAPM CT-MAR datasets and Lightning datamodule on the suite's batch convention (``marbench.datasets.batch``).
 
 Each item is a dict (a batch adds the leading ``B``):
 
@@ -10,7 +10,8 @@ Each item is a dict (a batch adds the leading ``B``):
   per case and cached under ``$MARBENCH_CACHE/li``;
 * ``tissue_labels``: ``(1, N, N)`` int64 tissue class per pixel (``datasets.synthetic.tissues``), synthetic
   benchmark only (not among the default keys);
-* ``category`` (str), ``anatomy`` (``body``/``head``), ``slice_id`` (str), ``fov_mm`` (float).
+* ``category`` (str), ``anatomy`` (``body``/``head``), ``slice_id`` (str), ``fov_mm`` (float), ``geometry`` (the
+  anatomy's geometry preset name, resolved by ``marbench.physics.CTPhysics``).
 
 The geometry comes from the anatomy (``aapm_body`` / ``aapm_head`` presets); a ``manifest.json`` at the root
 (written by the synthetic benchmark) may name other presets per anatomy, e.g. ``aapm_body_256``.
@@ -28,17 +29,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from marbench.physics import Geometry, Projector, li_correction, metal_trace, mu_to_hu, preset
+from marbench.physics import Geometry, Projector, geometry_key, li_correction, metal_trace, mu_to_hu, preset
 from marbench.physics.backends import default_cache_dir
 
 from .aapm_format import ANATOMIES, AAPMCase, case_files, discover_cases, read_raw, write_raw
+from .batch import TENSOR_KEYS
 from .splits import read_split
 
 __all__ = ["ALL_KEYS", "SYNTHETIC_KEYS", "AAPMCTMARDataset", "AAPMCTMARDataModule", "geometries_for_root"]
 
-ALL_KEYS = ("gt_image", "ma_image", "gt_sinogram", "ma_sinogram", "metal_mask", "metal_trace",
-            "li_sinogram", "li_image")
 SYNTHETIC_KEYS = ("tissue_labels",)  # files the synthetic benchmark adds to the release layout
+ALL_KEYS = tuple(k for k in TENSOR_KEYS if k not in SYNTHETIC_KEYS)  # what the release provides
 _RELEASE_PRESETS = {"body": "aapm_body", "head": "aapm_head"}
 
 
@@ -93,6 +94,7 @@ class AAPMCTMARDataset(Dataset):
         self.keys = keys
         self.categories = categories or {}
         self.geometries = geometries_for_root(root)
+        self.geometry_keys = {a: geometry_key(g) for a, g in self.geometries.items()}
         self.projector_backend = projector_backend
         self._projectors: dict[str, Projector] = {}
 
@@ -125,7 +127,7 @@ class AAPMCTMARDataset(Dataset):
         files = case_files(self.root, case, g)
         need = set(self.keys)
         item: dict = {"slice_id": case.case_id, "category": self.categories.get(case.case_id, case.anatomy),
-                      "anatomy": case.anatomy, "fov_mm": g.fov_mm}
+                      "anatomy": case.anatomy, "fov_mm": g.fov_mm, "geometry": self.geometry_keys[case.anatomy]}
         arrays: dict[str, np.ndarray] = {}
         for key in ("gt_image", "ma_image", "gt_sinogram", "ma_sinogram"):
             if key in need or (key == "ma_sinogram" and need & {"li_sinogram", "li_image"}):
@@ -197,10 +199,24 @@ class AAPMCTMARDataModule(L.LightningDataModule):
                 raise ValueError(f"{self.split_path}: names {len(missing)} case(s) not found under {self.root}, "
                                  f"first {missing[:3]}")
             assignment = wanted
-        for name, rows in assignment.items():
-            labels = {cid: cat for cid, cat in rows if cat}
-            self.datasets[name] = AAPMCTMARDataset(self.root, [available[cid] for cid, _ in rows], self.keys,
-                                                   labels, self.projector_backend)
+        self._parts = {name: ([available[cid] for cid, _ in rows], {cid: cat for cid, cat in rows if cat})
+                       for name, rows in assignment.items()}
+        for name in self._parts:
+            self.datasets[name] = self.dataset(name, self.keys)
+
+    def dataset(self, part: str, keys: Sequence[str]) -> AAPMCTMARDataset:
+        """The cases of one part of the split (``train``, ``val``, ``test``) with other batch keys than the
+        datamodule's own (e.g. the segmentation protocol's segmenter trains on ``gt_image`` and ``tissue_labels``).
+
+        Raises:
+            ValueError: ``setup`` has not run, or the split has no such part.
+        """
+        if not hasattr(self, "_parts"):
+            raise ValueError("call setup() before dataset()")
+        if part not in self._parts:
+            raise ValueError(f"{self.split_path}: the split has no part {part!r}; it has {sorted(self._parts)}")
+        cases, labels = self._parts[part]
+        return AAPMCTMARDataset(self.root, cases, keys, labels, self.projector_backend)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.datasets:

@@ -4,7 +4,8 @@ Layout expected here (the release gives the cases as ``01.raw`` ... ``29.raw``; 
 512 x 512 float32 HU images): ``<root>/images/NN.raw`` (metal-affected image, HU), ``<root>/sinograms/NN.raw``
 (``[1000 views, 1, 900 channels]`` post-log) and ``<root>/fov.csv`` with columns ``case,fov_mm`` (the
 per-case reconstruction FOV, e.g. 500, 650, 360 or 355 mm, from the challenge's case description). Each case
-gets the ``aapm_body`` scanner with its own FOV. No metal mask is released: ``metal_mask`` is
+gets the ``aapm_body`` scanner with its own FOV; the batch's ``geometry`` names it by its geometry key
+(``marbench.physics.geometry_key``). No metal mask is released: ``metal_mask`` is
 ``ma_image > metal_threshold_hu`` (2000 HU by default), ``metal_trace`` its projection.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from marbench.physics import Projector, metal_trace, preset
+from marbench.physics import Projector, geometry_key, metal_trace, preset
 
 from .aapm_format import read_raw
 
@@ -66,7 +67,8 @@ class AAPMScoringDataset(Dataset):
         mask = image > self.metal_threshold_hu
         trace = metal_trace(self._projectors[fov], mask[None])[0]
         return {"ma_image": image, "ma_sinogram": sino, "metal_mask": mask, "metal_trace": trace,
-                "category": "scoring", "anatomy": f"fov{fov:g}", "slice_id": case, "fov_mm": fov}
+                "category": "scoring", "anatomy": "body", "slice_id": case, "fov_mm": fov,
+                "geometry": geometry_key(g)}
 
 
 class AAPMScoringDataModule(L.LightningDataModule):
@@ -79,7 +81,6 @@ class AAPMScoringDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.dataset = AAPMScoringDataset(self.root, self.metal_threshold_hu)
-        self.geometries = {f"fov{fov:g}": self.dataset.geometry(fov) for _, fov in self.dataset.cases}
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=1, num_workers=self.num_workers)

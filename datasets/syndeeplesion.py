@@ -120,7 +120,8 @@ class SynDeepLesionDataset(Dataset):
             "metal_trace": torch.from_numpy(read_h5(ma, "metal_trace", SINOGRAM) > 0)[None],
             "metal_mask": self.metal_mask(j),
             "category": f"metal_size_{j}",
-            "anatomy": "deeplesion",
+            "anatomy": "body",  # DeepLesion: body CT (chest, abdomen, pelvis)
+            "geometry": "syndeeplesion",
             "slice_id": f"{folder.name}/{j}",
             "fov_mm": self.geometry.fov_mm,
         }
@@ -141,7 +142,6 @@ class SynDeepLesionDataModule(L.LightningDataModule):
         self.root, self.batch_size, self.num_workers = Path(root), batch_size, num_workers
         self.train_masks, self.test_masks, self.val_slices = train_masks, test_masks, val_slices
         self.datasets: dict[str, Dataset] = {}
-        self.geometries = {"deeplesion": preset("syndeeplesion")}
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):

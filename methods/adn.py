@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 from marbench.checkpoints import load_checkpoint_file, load_state_dict_exactly
 from marbench.converters import adn_to_hu, hu_to_adn
-from marbench.method import MARMethod, MethodCard
-from marbench.registry import register
+from marbench.datasets.batch import Batch
+from marbench.method import MARMethod, MethodCard, put_metal_back
+from marbench.physics import CTPhysics
 
 __all__ = ["ADNGenerator", "PatchDiscriminator", "ADN", "OFFICIAL_LOSS_WEIGHTS"]
 
@@ -210,7 +211,6 @@ def _lsgan(scores: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(scores, torch.full_like(scores, 1.0 if real else 0.0))
 
 
-@register("adn")
 class ADN(MARMethod):
     """ADN as a Lightning module (manual optimisation: generator, then the two discriminators).
 
@@ -226,9 +226,9 @@ class ADN(MARMethod):
     """
 
     card = MethodCard(
-        name="adn", paper="ADN (Liao et al., IEEE TMI 2020); github.com/liaohaofu/adn",
-        needs=("ma_image", "gt_image", "metal_mask"), trainable=True,
-        metal="metal-mask pixels take the metal-affected image's values (metal put back)",
+        name="adn", paper="Liao, Lin, Zhou & Luo, 'ADN: Artifact Disentanglement Network for Unsupervised Metal "
+                          "Artifact Reduction', IEEE TMI 39(3), 2020; github.com/liaohaofu/adn",
+        inputs=("ma_image", "metal_mask"), training_inputs=("gt_image",), trainable=True,
         departures=("generator step before the discriminator steps (same gradients as the official order)",
                     "unpaired pairs drawn within the batch; paired when lh > 0",
                     "output limited to the published input range [-1000, ~1604] HU"),
@@ -326,6 +326,10 @@ class ADN(MARMethod):
         return [torch.optim.Adam(m.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
                 for m in (self.model_g, self.model_dl, self.model_dh)]
 
-    def restore(self, batch: dict) -> torch.Tensor:
-        return torch.where(batch["metal_mask"], batch["ma_image"], self(batch["ma_image"]))
+    @classmethod
+    def contract_instance(cls) -> "ADN":
+        return cls(base_ch=8, num_residual=1, ndf=8)
+
+    def restore(self, batch: Batch, physics: CTPhysics) -> torch.Tensor:
+        return put_metal_back(self(batch["ma_image"]), batch)
 

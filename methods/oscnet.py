@@ -20,7 +20,7 @@ with ``load_official_checkpoint``; OSCNet's file also holds the filter cached by
 (``fcnn.filter``, ``fcnn.bias``), which is checked against the one derived from the coefficients and dropped.
 
 Input convention (``marbench.converters.hu_to_oscnet``): DeepLesion attenuation clipped to ``[0, 1]`` cm^-1
-then x255; the LI image is the sinogram LI prior (``prior="sinogram"``) or, as seed 000 Sec. 3.2 does on AAPM
+then x255; the LI image is the sinogram LI prior (``prior="sinogram"``) or, as Emirdagi et al. (Sec. 3.2) do on AAPM
 images, OpenCV TELEA inpainting of a ``HU > 2000`` mask dilated by a 7 x 7 ellipse (``prior="image"``, see
 ``marbench.image_prior``); metal pixels take the metal-affected image's values (metal put back).
 
@@ -34,6 +34,7 @@ Departures from the official code:
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,10 @@ import torch.nn.functional as F
 
 from marbench.checkpoints import load_checkpoint_file, load_state_dict_exactly
 from marbench.converters import hu_to_oscnet, oscnet_to_hu
+from marbench.datasets.batch import Batch
 from marbench.image_prior import telea_inpainting, threshold_metal_mask
 from marbench.method import MARMethod, MethodCard
-from marbench.registry import register
+from marbench.physics import CTPhysics
 
 __all__ = ["fourier_rotation_basis", "OSCNetwork", "OSCNet", "OSCNetPlus", "oscnet_loss"]
 
@@ -328,7 +330,7 @@ class _OSCNetMethod(MARMethod):
     Args:
         S, T, num_M, num_rot, num_Q, sizeP, inP, etaM, etaX, cdiv: network (official defaults).
         prior: ``"sinogram"`` (the dataset's LI image and metal mask) or ``"image"`` (HU > 2000 dilated by a
-            7 x 7 ellipse, TELEA-inpainted LI; seed 000 Sec. 3.2).
+            7 x 7 ellipse, TELEA-inpainted LI; Emirdagi et al. Sec. 3.2).
         patch_size: training crop (official 64); None trains on whole slices.
         lr, milestones, gamma: Adam (betas (0.5, 0.999)) and MultiStepLR by epoch (official 2e-4,
             [30, 60, 90, 120, 150, 180], 0.5).
@@ -348,6 +350,8 @@ class _OSCNetMethod(MARMethod):
         if prior not in ("sinogram", "image"):
             raise ValueError(f"prior must be 'sinogram' or 'image', found {prior!r}")
         self.save_hyperparameters()
+        if prior == "image":  # the image-domain prior needs only the metal-affected image and thresholds its own mask
+            self.card = replace(type(self).card, inputs=("ma_image",), puts_metal_back=False)
         self.net = OSCNetwork(self.plus, S, T, num_M, num_rot, num_Q, sizeP, inP, etaM, etaX, cdiv)
         if checkpoint:
             self.load_official_checkpoint(checkpoint, checkpoint_sha256)
@@ -408,18 +412,22 @@ class _OSCNetMethod(MARMethod):
                                                      gamma=self.hparams.gamma)
         return {"optimizer": opt, "lr_scheduler": sched}
 
-    def restore(self, batch: dict) -> torch.Tensor:
+    @classmethod
+    def contract_instance(cls) -> "_OSCNetMethod":
+        return cls(S=2, T=1, num_Q=8)
+
+    def restore(self, batch: Batch, physics: CTPhysics) -> torch.Tensor:
         xma, xli, keep = self._inputs(batch)
         out = oscnet_to_hu(self.net(xma, xli, keep)[1][-1])
         return torch.where(keep.bool(), out, batch["ma_image"])
 
 
-@register("oscnet")
 class OSCNet(_OSCNetMethod):
     __doc__ = _OSCNetMethod.__doc__
     card = MethodCard(
-        name="oscnet", paper="OSCNet (Wang et al., MICCAI 2022); github.com/hongwang01/OSCNet",
-        needs=("ma_image", "li_image", "gt_image", "metal_mask"), trainable=True,
+        name="oscnet", paper="Wang, Xie, Zeng, Meng & Zheng, 'Orientation-Shared Convolution Representation for CT "
+                             "Metal Artifact Learning', MICCAI 2022; github.com/hongwang01/OSCNet",
+        inputs=("ma_image", "li_image", "metal_mask"), training_inputs=("gt_image",), trainable=True,
         metal="pixels of the metal mask used (dataset or threshold) take the metal-affected image's values",
         departures=("C0 initialised from the rotation-shared filter of random coefficients (official: "
                     "init_kernel.mat)", "basis orthonormalised by eigendecomposition (same span)",
@@ -427,11 +435,12 @@ class OSCNet(_OSCNetMethod):
     )
 
 
-@register("oscnet_plus")
 class OSCNetPlus(_OSCNetMethod):
     __doc__ = _OSCNetMethod.__doc__
     plus = True
     card = MethodCard(
-        name="oscnet_plus", paper="OSCNet+ (Wang et al., IEEE TMI 2024); github.com/hongwang01/OSCNet",
-        needs=OSCNet.card.needs, trainable=True, metal=OSCNet.card.metal, departures=OSCNet.card.departures,
+        name="oscnet_plus", paper="Wang, Xie, Zeng, Meng & Zheng, 'Adaptive Convolutional Dictionary Network for "
+                                  "CT Metal Artifact Reduction' (OSCNet+), IEEE TMI 2024; github.com/hongwang01/OSCNet",
+        inputs=OSCNet.card.inputs, training_inputs=OSCNet.card.training_inputs, trainable=True,
+        metal=OSCNet.card.metal, departures=OSCNet.card.departures,
     )

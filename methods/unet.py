@@ -15,46 +15,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from marbench.converters import hu_to_unit, unit_to_hu
-from marbench.method import MARMethod, MethodCard
-from marbench.registry import register
+from marbench.datasets.batch import Batch
+from marbench.method import MARMethod, MethodCard, put_metal_back
+from marbench.networks import UNet
+from marbench.physics import CTPhysics
 
-__all__ = ["ResidualUNet", "UNet", "conv_block"]
-
-
-def conv_block(cin: int, cout: int) -> nn.Sequential:
-    """Two 3 x 3 conv + batch norm + ReLU layers ``(B, cin, H, W) -> (B, cout, H, W)``."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+__all__ = ["ResidualUNet"]
 
 
-class UNet(nn.Module):
-    """U-Net with ``depth`` poolings and ``base * 2^k`` channels at level ``k``; ``(B, cin, H, W) -> (B, cout, H, W)``
-    for ``H, W`` divisible by ``2^depth``."""
-
-    def __init__(self, cin: int = 1, cout: int = 1, base: int = 32, depth: int = 4):
-        super().__init__()
-        chans = [base * 2**k for k in range(depth + 1)]
-        self.down = nn.ModuleList([conv_block(cin, chans[0])]
-                                  + [conv_block(chans[k], chans[k + 1]) for k in range(depth)])
-        self.up = nn.ModuleList([nn.ConvTranspose2d(chans[k + 1], chans[k], 2, stride=2) for k in range(depth)])
-        self.merge = nn.ModuleList([conv_block(2 * chans[k], chans[k]) for k in range(depth)])
-        self.head = nn.Conv2d(chans[0], cout, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for k, block in enumerate(self.down):
-            x = block(x if k == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        x = skips.pop()
-        for k in reversed(range(len(self.up))):
-            x = self.merge[k](torch.cat([self.up[k](x), skips.pop()], dim=1))
-        return self.head(x)
-
-
-@register("unet")
 class ResidualUNet(MARMethod):
     """Supervised residual U-Net (see the module docstring).
 
@@ -65,8 +35,7 @@ class ResidualUNet(MARMethod):
 
     card = MethodCard(
         name="unet", paper="CNNMAR (Zhang & Yu, IEEE TMI 2018) as DuDoCROP Table IV 'CNN'; U-Net (MICCAI 2015)",
-        needs=("ma_image", "li_image", "gt_image", "metal_mask"), trainable=True,
-        metal="metal-mask pixels take the metal-affected image's values (metal put back)",
+        inputs=("ma_image", "li_image", "metal_mask"), training_inputs=("gt_image",), trainable=True,
         departures=("U-Net on (metal-affected, LI) channels correcting the LI image; no BHC channel; "
                     "no tissue-processing / sinogram-replacement step; L1 loss outside the metal",),
     )
@@ -101,5 +70,5 @@ class ResidualUNet(MARMethod):
         epochs = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs else 1
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)}
 
-    def restore(self, batch: dict) -> torch.Tensor:
-        return torch.where(batch["metal_mask"], batch["ma_image"], self(batch["ma_image"], batch["li_image"]))
+    def restore(self, batch: Batch, physics: CTPhysics) -> torch.Tensor:
+        return put_metal_back(self(batch["ma_image"], batch["li_image"]), batch)

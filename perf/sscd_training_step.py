@@ -26,8 +26,7 @@ def main() -> None:
     torch.manual_seed(0)
     geometry = preset("aapm_body_256")
     model = SelfSupervisedCrossDomainMAR(variant="joint", base=16, depth=4)
-    model.attach_geometries({"body": geometry})
-    projector = model.projector("body", torch.device("cpu"))
+    projector = model.physics.projector("aapm_body_256")
     n, b = geometry.image_shape[0], args.batch
     yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     body = (((yy - n / 2) / (0.4 * n)) ** 2 + ((xx - n / 2) / (0.45 * n)) ** 2 < 1).float()

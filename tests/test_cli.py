@@ -3,10 +3,11 @@ import json
 from marbench.cli import main
 
 
-def test_list_prints_methods_with_papers(capsys):
+def test_list_prints_methods_with_papers_and_protocols(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "nmar" in out and "Meyer" in out and "needs ma_image" in out
+    assert "nmar" in out and "Meyer" in out and "inputs ma_image" in out and "training also gt_image" in out
+    assert "perceptual-indicators" in out and "pi_q" in out
 
 
 def test_lightning_test_subcommand_writes_a_record_with_the_resolved_config(tiny_benchmark, tmp_path):

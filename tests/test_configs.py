@@ -1,5 +1,5 @@
 """Every committed config names classes and arguments that exist (a typo would otherwise surface only in a long
-``make bench`` or a GPU run)."""
+``make bench`` or a GPU run). Bench rows are built as ``make bench`` builds them, merged over the shared base."""
 import importlib
 import inspect
 from pathlib import Path
@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*/*.yaml"))
+from marbench.bench import BASE_CONFIG, row_configs
+from marbench.lightning_cli import build_cli
+
+ROOT = Path(__file__).parents[1]
+ROWS = row_configs(sorted((ROOT / "configs" / "bench").glob("[!_]*.yaml")))
+GPU = sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
 
 
 def _class(path: str):
@@ -15,8 +20,18 @@ def _class(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[f"{c.parent.name}/{c.name}" for c in CONFIGS])
-def test_config_classes_and_arguments_exist(config):
+@pytest.mark.parametrize("config", ROWS, ids=[c.name for c in ROWS])
+def test_bench_rows_build_over_the_base(config):
+    cli = build_cli(["--config", str(ROOT / BASE_CONFIG), "--config", str(config)], run=False)
+    assert cli.model.card.name and len(cli.evaluators()) == 1
+    assert set(cli.model.card.inputs) - {"geometry", "anatomy", "fov_mm"} <= set(cli.datamodule.keys), \
+        f"{config.name}: the data keys miss inputs the method declares"
+    if cli.model.card.trainable:
+        assert set(cli.model.card.training_inputs) <= set(cli.datamodule.keys)
+
+
+@pytest.mark.parametrize("config", GPU, ids=[c.name for c in GPU])
+def test_gpu_config_classes_and_arguments_exist(config):
     cfg = yaml.safe_load(config.read_text())
     model = _class(cfg["model"]["class_path"])(**cfg["model"].get("init_args", {}))
     assert model.card.name

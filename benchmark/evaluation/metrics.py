@@ -1,56 +1,64 @@
-"""Image-quality metrics, per slice, as torchmetrics ``Metric``s (distributed-safe: per-slice values are
-concatenated across processes).
+"""Image-quality metrics per slice, as functions of ``(B, 1, H, W)`` tensors returning ``(B,)`` float64 values.
 
-* ``psnr``: ``10 log10(data_range^2 / MSE)``, MSE over the mask (all pixels by default), as
-  ``skimage.metrics.peak_signal_noise_ratio``.
-* ``ssim``: Wang et al., IEEE TIP 2004, computed as ``skimage.metrics.structural_similarity`` with
+* ``psnr``: ``10 log10(data_range^2 / MSE)`` over the whole image, torchmetrics'
+  ``peak_signal_noise_ratio`` per slice (equal to ``skimage.metrics.peak_signal_noise_ratio``).
+* ``ssim``: Wang, Bovik, Sheikh & Simoncelli, "Image quality assessment: from error visibility to structural
+  similarity", IEEE TIP 13(4), 2004, computed exactly as ``skimage.metrics.structural_similarity`` with
   ``gaussian_weights=True, sigma=1.5, win_size=11, use_sample_covariance=False, K1=0.01, K2=0.03``: local
-  statistics by an 11-tap Gaussian, mean of the SSIM map over the image less a 5-pixel border.
-* ``rmse``: root mean squared error over the mask, in the input's unit (HU for ``aapm-hu``).
+  statistics by an 11-tap Gaussian, mean of the SSIM map over the image less a 5-pixel border. (torchmetrics'
+  SSIM pads and crops differently, and the published MAR scripts use scikit-image's.)
+* ``rmse``: root mean squared error over a mask, in the input's unit (HU for ``aapm-hu``); torchmetrics has
+  no masked variant.
+
+>>> x = torch.zeros(1, 1, 16, 16)
+>>> float(rmse(x + 3.0, x))
+3.0
+>>> round(float(psnr(x + 0.1, x, data_range=1.0)), 4)
+20.0
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
-__all__ = ["psnr", "ssim", "rmse", "SliceMetric", "PSNR", "SSIM", "RMSE"]
-
-
-def _flat_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return torch.ones_like(x, dtype=torch.bool) if mask is None else mask.expand_as(x)
+__all__ = ["psnr", "ssim", "rmse"]
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """PSNR in dB per slice, ``(B,)``, of ``(B, 1, H, W)`` images over ``mask`` (bool, same shape)."""
-    m = _flat_mask(pred, mask).reshape(pred.shape[0], -1).double()
-    err = ((pred.double() - target.double()) ** 2).reshape(pred.shape[0], -1)
-    mse = (err * m).sum(1) / m.sum(1).clamp(min=1)
-    return 10 * torch.log10(data_range**2 / mse)
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.Tensor:
+    """PSNR in dB per slice, ``(B,)`` float64, of ``(B, 1, H, W)`` images with the given data range."""
+    return peak_signal_noise_ratio(pred.double(), target.double(), data_range=data_range, reduction="none",
+                                   dim=(1, 2, 3))
 
 
 def rmse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Root mean squared error per slice, ``(B,)``, over ``mask``."""
-    m = _flat_mask(pred, mask).reshape(pred.shape[0], -1).double()
+    """Root mean squared error per slice, ``(B,)`` float64, over ``mask`` (bool, broadcastable; all pixels by
+    default); NaN for a slice whose mask is empty."""
+    m = (torch.ones_like(pred, dtype=torch.bool) if mask is None else mask.expand_as(pred))
+    m = m.reshape(pred.shape[0], -1).double()
     err = ((pred.double() - target.double()) ** 2).reshape(pred.shape[0], -1)
-    return ((err * m).sum(1) / m.sum(1).clamp(min=1)).sqrt()
+    return ((err * m).sum(1) / m.sum(1)).sqrt()
 
 
 def _gaussian_window(sigma: float = 1.5, truncate: float = 3.5) -> torch.Tensor:
-    radius = int(truncate * sigma + 0.5)  # scipy.ndimage.gaussian_filter's support: 11 taps for sigma 1.5
+    radius = int(truncate * sigma + 0.5)  # scikit-image's support for sigma 1.5: 11 taps
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     w = torch.exp(-0.5 * (x / sigma) ** 2)
     return w / w.sum()
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.Tensor:
-    """SSIM per slice, ``(B,)``, of ``(B, 1, H, W)`` images (see the module docstring for the definition)."""
+    """SSIM per slice, ``(B,)`` float64, of ``(B, 1, H, W)`` images (see the module docstring for the definition).
+
+    Raises:
+        ValueError: images smaller than the 11 x 11 window.
+    """
     w = _gaussian_window().to(pred.device)
     k = w.numel()
+    if min(pred.shape[-2:]) < k:
+        raise ValueError(f"SSIM needs images of at least {k} x {k} pixels, found {tuple(pred.shape[-2:])}")
 
-    def blur(t: torch.Tensor) -> torch.Tensor:  # valid convolution == skimage's map cropped by the radius
+    def blur(t: torch.Tensor) -> torch.Tensor:  # a valid convolution equals scikit-image's map cropped by the radius
         return F.conv2d(F.conv2d(t, w.view(1, 1, 1, k)), w.view(1, 1, k, 1))
 
     x, y = pred.double(), target.double()
@@ -59,57 +67,3 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.T
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.mean(dim=(1, 2, 3))
-
-
-class SliceMetric(Metric):
-    """A per-slice metric: ``update`` appends one value per slice, ``compute`` returns the mean; ``values``
-    (after ``compute`` or ``sync``) holds every slice's value across processes."""
-
-    full_state_update = False
-    higher_is_better: bool = True
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("values", default=[], dist_reduce_fx="cat")
-
-    def _append(self, v: torch.Tensor) -> None:
-        self.values.append(v.detach().double())
-
-    def all_values(self) -> torch.Tensor:
-        v = self.values
-        if isinstance(v, list):
-            return torch.cat(v) if v else torch.zeros(0, dtype=torch.float64)
-        return v
-
-    def compute(self) -> torch.Tensor:
-        v = self.all_values()
-        return v.mean() if v.numel() else torch.tensor(math.nan)
-
-
-class PSNR(SliceMetric):
-    higher_is_better = True
-
-    def __init__(self, data_range: float, **kwargs):
-        super().__init__(**kwargs)
-        self.data_range = data_range
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        self._append(psnr(pred, target, self.data_range, mask))
-
-
-class SSIM(SliceMetric):
-    higher_is_better = True
-
-    def __init__(self, data_range: float, **kwargs):
-        super().__init__(**kwargs)
-        self.data_range = data_range
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        self._append(ssim(pred, target, self.data_range))
-
-
-class RMSE(SliceMetric):
-    higher_is_better = False
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        self._append(rmse(pred, target, mask))

@@ -1,26 +1,146 @@
 """Named, versioned evaluation protocols: each pins every convention of its metrics.
 
-A protocol turns a batch (the batch convention of ``marbench.datasets``) and a method's prediction (HU) into
-per-slice metric values. Changing any convention means a new ``version``; the leaderboard never merges
-records of different versions.
+A protocol has one job: ``score(pred_hu, batch) -> {metric: (B,)}``, the per-slice values of its metrics for a
+method's prediction (HU, ``(B, 1, H, W)``) against a batch of the suite's convention. Each metric is declared
+once, as a ``MetricSpec`` (name, whether higher is better, unit, display digits, per slice or per set), and the
+evaluator, the records and the leaderboard all read that declaration. Set-level metrics (FID over a split,
+PI_q / PI_s over the metal sweeps) come from ``set_metrics`` over the per-slice rows and features. The
+computation itself lives in ``metrics`` (PSNR, SSIM, RMSE), ``perceptual`` (LPIPS, FID, their RadImageNet
+variants, PI) and ``segmentation`` (the segmenter); a protocol only fixes how they are applied.
+
+Changing any convention means a new ``version``; the leaderboard never merges records of different versions.
+Protocols are found by name in ``PROTOCOLS`` (a ``marbench.registry.Registry``).
+
+>>> get_protocol("editmar").metric_names
+('psnr', 'ssim')
+>>> [m.unit for m in get_protocol("aapm-hu").metrics]
+['HU', 'dB', '']
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import ClassVar, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import binary_fill_holes
 
 from marbench.converters import hu_to_mu, window
+from marbench.datasets.sweeps import metal_objects
+from marbench.registry import Registry
 
-from .metrics import PSNR, RMSE, SSIM, SliceMetric
-from .perceptual import backbones, frechet_distance_of_features, layer4_distance
-from .segmentation import ClassIoUMetric, MeanIoUMetric, SegmentationRecipe, segmenter
+from .metrics import psnr, rmse, ssim
+from .perceptual import backbones, frechet_distance_of_features, layer4_distance, perceptual_indicator
+from .segmentation import SegmentationRecipe, segment, segmenter
 
-__all__ = ["Protocol", "AAPMHU", "EditMAR", "SynDeepLesionProtocol", "Perceptual", "Segmentation", "BackboneMetric",
-           "PROTOCOLS", "get_protocol"]
+__all__ = ["MetricSpec", "Protocol", "AAPMHU", "EditMAR", "SynDeepLesionProtocol", "Perceptual", "Segmentation",
+           "PerceptualIndicators", "PROTOCOLS", "get_protocol", "level_lpips"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric, declared once.
+
+    Attributes:
+        name: column name in records and tables.
+        higher_is_better: the metric's direction.
+        unit: ``"HU"``, ``"dB"``, ``""`` (unitless), ...
+        digits: decimals shown in tables.
+        level: ``"slice"`` (a value per slice, from ``score``) or ``"set"`` (one value per record, from
+            ``set_metrics``).
+        description: what it measures, for captions and the page.
+        figure: drawn in the leaderboard's summary bar chart (per-class detail metrics are not).
+    """
+
+    name: str
+    higher_is_better: bool
+    unit: str = ""
+    digits: int = 2
+    level: Literal["slice", "set"] = "slice"
+    description: str = ""
+    figure: bool = True
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
+
+    def format(self, value: float) -> str:
+        return f"{value:.{self.digits}f}"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Base class. Subclasses are frozen dataclasses whose fields are the protocol's conventions.
+
+    Class attributes:
+        data: which part of a benchmark the protocol scores: ``"test"`` (the split's test slices) or
+            ``"sweeps"`` (the synthetic benchmark's metal sweeps, ``marbench.datasets.sweeps``).
+        requires: batch keys ``score`` reads.
+        row_keys: batch metadata kept beside each slice's values (``set_metrics`` reads them).
+        reference_features: set-level metrics compare the method's ``features`` with the reference images' (the
+            evaluator computes those once per split and caches them).
+    """
+
+    name: str
+    version: str
+    data: ClassVar[str] = "test"
+    requires: ClassVar[tuple[str, ...]] = ("gt_image",)
+    row_keys: ClassVar[tuple[str, ...]] = ()
+    reference_features: ClassVar[bool] = False
+
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        """Every metric of the protocol, per slice and per set."""
+        raise NotImplementedError
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.metrics)
+
+    def score(self, pred_hu: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-slice values ``{metric: (B,) float64}`` of every slice-level metric."""
+        raise NotImplementedError
+
+    def features(self, hu: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-slice features ``{set metric: (B, D)}`` of images ``(B, 1, H, W)`` (HU) that set-level metrics compare
+        between the method and the references (FID); none by default."""
+        return {}
+
+    def score_and_features(self, pred_hu: torch.Tensor, batch: dict) -> tuple[dict, dict]:
+        """``(score(...), features(...))`` of a prediction; protocols whose metrics share backbone passes override
+        it to run each backbone once."""
+        return self.score(pred_hu, batch), self.features(pred_hu, batch)
+
+    def set_metrics(self, frame: pd.DataFrame, features: dict[str, np.ndarray],
+                    reference: dict[str, np.ndarray]) -> dict[str, float]:
+        """Set-level values from the per-slice rows (``slice_id``, ``category``, ``row_keys``, the slice metrics),
+        the method's features and the reference images' features (``{metric: (N, D)}`` in ``frame``'s order)."""
+        return {}
+
+    def bind(self, datamodule) -> "Protocol":
+        """The protocol for one datamodule (a protocol whose metrics depend on the data, such as a segmenter trained
+        on its training split, returns a bound copy)."""
+        return self
+
+    def weights_sha256(self) -> dict[str, str]:
+        """Weight files the protocol's metrics use: name -> sha256 or ``"random"``."""
+        return {}
+
+    def check_batch(self, batch: dict) -> None:
+        """Raises ``KeyError`` naming the protocol, the missing keys and the batch's keys."""
+        missing = [k for k in self.requires if k not in batch]
+        if missing:
+            raise KeyError(f"protocol {self.name!r} needs batch keys {missing} (add them to the datamodule's keys); "
+                           f"the batch has {sorted(batch)}")
+
+    def to_dict(self) -> dict:
+        """The protocol's definition: its conventions (the dataclass fields), kind, data and metric specs."""
+        d = {f.name: asdict(v) if is_dataclass(v) else v
+             for f in fields(self) if not f.name.startswith("_") and (v := getattr(self, f.name)) is not None}
+        return {**d, "kind": type(self).__name__, "data": self.data, "metrics": [asdict(m) for m in self.metrics],
+                "weights_sha256": self.weights_sha256()}
 
 
 def _dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -31,62 +151,14 @@ def _dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """Base: ``name``, ``version``, and ``metric_specs`` (metric name -> higher is better)."""
-
-    name: str
-    version: str
-
-    def metrics(self) -> dict[str, SliceMetric]:
-        raise NotImplementedError
-
-    def update(self, metrics: dict[str, SliceMetric], pred_hu: torch.Tensor, batch: dict) -> dict | None:
-        """Update the per-slice metrics; protocols with set-level metrics return the prediction's features
-        (``set_features`` of ``pred_hu``, computed along with the per-slice metrics to share backbone passes)."""
-        raise NotImplementedError
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "kind": type(self).__name__}
-
-    def bind(self, datamodule) -> "Protocol":
-        """The protocol for one datamodule (protocols whose metrics depend on the data, e.g. a segmenter trained on
-        its training split, return a bound copy)."""
-        return self
-
-    @property
-    def directions(self) -> dict[str, bool]:
-        """Metric name -> higher is better."""
-        return {k: m.higher_is_better for k, m in self.metrics().items()}
-
-    # Set-level metrics (a value for the whole split, e.g. FID) come from per-slice features.
-    @property
-    def set_directions(self) -> dict[str, bool]:
-        """Set-level metric name -> higher is better (none by default)."""
-        return {}
-
-    def set_features(self, hu: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-slice features ``(B, D)`` of images ``(B, 1, H, W)`` in HU for each set-level metric."""
-        return {}
-
-    def set_metric(self, name: str, features: np.ndarray, reference: np.ndarray) -> float:
-        """The set-level metric ``name`` from the method's and the reference images' features ``(N, D)``."""
-        raise KeyError(f"protocol {self.name!r} has no set-level metric {name!r}")
-
-    def weights_sha256(self) -> dict[str, str]:
-        """Weight files the protocol's metrics use: registry name -> sha256 or ``"random"``."""
-        return {}
-
-
-@dataclass(frozen=True)
 class AAPMHU(Protocol):
     """``aapm-hu``: the AAPM CT-MAR conventions.
 
     * ``rmse_hu``: RMSE in HU inside the body (target above ``body_threshold_hu``, holes filled), the metal
       mask dilated by ``metal_dilation_px`` pixels excluded.
-    * ``psnr``, ``ssim``: as the AAPM tool's ``AAPMmetric.py`` (xcist/example, ``AAPM_datachallenge/metric``):
-      images + 1000 HU, metal pixels set to 0, scaled by ``[scale_min, scale_max]`` to ``[0, 1]`` and clipped,
-      body slices zeroed outside a ``fov_ring_mm`` diameter circle, data range 1, SSIM with an 11-tap Gaussian
-      window. (``scale_max`` is 20000 in that script; an earlier project note gave 6000.)
+    * ``psnr``, ``ssim``: as the challenge's ``AAPMmetric.py`` (xcist/example, ``AAPM_datachallenge``): images
+      + 1000 HU, metal pixels set to 0, ``[scale_min, scale_max]`` mapped to ``[0, 1]`` and clipped, body slices
+      zeroed outside a ``fov_ring_mm`` diameter circle, data range 1, SSIM with an 11-tap Gaussian window.
     """
 
     name: str = "aapm-hu"
@@ -96,100 +168,93 @@ class AAPMHU(Protocol):
     scale_min: float = -2000.0
     scale_max: float = 20000.0
     fov_ring_mm: float = 470.0
+    requires: ClassVar[tuple[str, ...]] = ("gt_image", "metal_mask", "anatomy", "fov_mm")
 
-    def metrics(self) -> dict[str, SliceMetric]:
-        return {"rmse_hu": RMSE(), "psnr": PSNR(data_range=1.0), "ssim": SSIM(data_range=1.0)}
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        return (MetricSpec("rmse_hu", False, "HU", 2, description="RMSE inside the body, metal (dilated) excluded"),
+                MetricSpec("psnr", True, "dB", 2, description="PSNR on the AAPM scale"),
+                MetricSpec("ssim", True, "", 4, description="SSIM on the AAPM scale"))
 
     def body_mask(self, target_hu: torch.Tensor) -> torch.Tensor:
+        """Bool ``(B, 1, H, W)``: pixels above ``body_threshold_hu`` with the holes filled."""
         body = (target_hu > self.body_threshold_hu).cpu().numpy()
         filled = np.stack([binary_fill_holes(b[0])[None] for b in body])
         return torch.from_numpy(filled).to(target_hu.device)
 
     def scaled(self, hu: torch.Tensor, metal: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``(B, 1, H, W)`` HU -> the AAPM script's ``[0, 1]`` scale (see the class docstring)."""
         x = torch.where(metal, torch.zeros_like(hu), hu + 1000.0)
         x = ((x - self.scale_min) / (self.scale_max - self.scale_min)).clamp(0.0, 1.0)
         n = hu.shape[-1]
+        c = (n - 1) / 2
+        yy, xx = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(n, device=x.device), indexing="ij")
         out = []
         for i in range(hu.shape[0]):
-            if batch.get("anatomy", ["body"] * hu.shape[0])[i] == "body":
+            if batch["anatomy"][i] == "body":
                 pixel = float(batch["fov_mm"][i]) / n
-                c = (n - 1) / 2
-                yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
                 ring = ((yy - c) ** 2 + (xx - c) ** 2) * pixel**2 < (self.fov_ring_mm / 2) ** 2
-                out.append(torch.where(ring.to(x.device), x[i], torch.zeros_like(x[i])))
+                out.append(torch.where(ring, x[i], torch.zeros_like(x[i])))
             else:
                 out.append(x[i])
         return torch.stack(out)
 
-    def update(self, metrics, pred_hu, batch) -> None:
+    def score(self, pred_hu, batch):
         target, metal = batch["gt_image"], batch["metal_mask"]
         region = self.body_mask(target) & ~_dilate(metal, self.metal_dilation_px)
-        metrics["rmse_hu"].update(pred_hu, target, region)
         p, t = self.scaled(pred_hu, metal, batch), self.scaled(target, metal, batch)
-        metrics["psnr"].update(p, t)
-        metrics["ssim"].update(p, t)
+        return {"rmse_hu": rmse(pred_hu, target, region), "psnr": psnr(p, t, 1.0), "ssim": ssim(p, t, 1.0)}
 
 
 @dataclass(frozen=True)
 class EditMAR(Protocol):
-    """``editmar`` (Emirdagi et al., Sec. 3.1): HU window ``[-500, 1300]`` mapped to ``[0, 1]`` (metal saturates
-    at the top), quantised to 8 bits (``round(255 x)``), PSNR and SSIM with data range 255 on the whole image."""
+    """``editmar`` (Emirdagi et al., "Leveraging Image Editing Foundation Models for Data-Efficient CT Metal
+    Artifact Reduction", Sec. 3.1): HU window ``[-500, 1300]`` mapped to ``[0, 1]`` (metal saturates at the top),
+    quantised to 8 bits (``round(255 x)``), PSNR and SSIM with data range 255 on the whole image."""
 
     name: str = "editmar"
     version: str = "1"
     low_hu: float = -500.0
     high_hu: float = 1300.0
 
-    def metrics(self) -> dict[str, SliceMetric]:
-        return {"psnr": PSNR(data_range=255.0), "ssim": SSIM(data_range=255.0)}
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        return (MetricSpec("psnr", True, "dB", 2, description="PSNR of the 8-bit window"),
+                MetricSpec("ssim", True, "", 4, description="SSIM of the 8-bit window"))
 
     def eight_bit(self, hu: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` HU -> 8-bit grey values 0..255 (float)."""
         return torch.round(window(hu, self.low_hu, self.high_hu) * 255.0)
 
-    def update(self, metrics, pred_hu, batch) -> None:
+    def score(self, pred_hu, batch):
         p, t = self.eight_bit(pred_hu), self.eight_bit(batch["gt_image"])
-        metrics["psnr"].update(p, t)
-        metrics["ssim"].update(p, t)
+        return {"psnr": psnr(p, t, 255.0), "ssim": ssim(p, t, 255.0)}
 
 
 @dataclass(frozen=True)
 class SynDeepLesionProtocol(Protocol):
-    """``syndeeplesion`` (InDuDoNet+ / OSCNet evaluation): attenuation (water 0.192) clipped to ``[0, 0.5]`` and
-    divided by 0.5, metal pixels set to 0 in both images (non-metal region only), PSNR and SSIM with data range
-    1; the leaderboard reports them per metal-size group (the dataset's ``category``)."""
+    """``syndeeplesion`` (the InDuDoNet+ / OSCNet evaluation): attenuation (water 0.192) clipped to ``[0, 0.5]``
+    and divided by 0.5, metal pixels set to 0 in both images (non-metal region only), PSNR and SSIM with data
+    range 1; the leaderboard reports them per metal-size group (the dataset's ``category``)."""
 
     name: str = "syndeeplesion"
     version: str = "1"
     mu_water: float = 0.192
     mu_max: float = 0.5
+    requires: ClassVar[tuple[str, ...]] = ("gt_image", "metal_mask")
 
-    def metrics(self) -> dict[str, SliceMetric]:
-        return {"psnr": PSNR(data_range=1.0), "ssim": SSIM(data_range=1.0)}
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        return (MetricSpec("psnr", True, "dB", 2), MetricSpec("ssim", True, "", 4))
 
     def unit(self, hu: torch.Tensor, metal: torch.Tensor) -> torch.Tensor:
         x = hu_to_mu(hu, self.mu_water).clamp(0.0, self.mu_max) / self.mu_max
         return torch.where(metal, torch.zeros_like(x), x)
 
-    def update(self, metrics, pred_hu, batch) -> None:
+    def score(self, pred_hu, batch):
         metal = batch["metal_mask"]
         p, t = self.unit(pred_hu, metal), self.unit(batch["gt_image"], metal)
-        metrics["psnr"].update(p, t)
-        metrics["ssim"].update(p, t)
-
-
-class BackboneMetric(SliceMetric):
-    """A per-slice distance ``fn(backbone, pred, target) -> (B,)`` on a feature backbone (registered as a child
-    module, so it moves with the metric); lower is better."""
-
-    higher_is_better = False
-
-    def __init__(self, backbone: torch.nn.Module, fn, **kwargs):
-        super().__init__(**kwargs)
-        self.backbone, self.fn = backbone, fn
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        with torch.no_grad():
-            self._append(self.fn(self.backbone, pred, target))
+        return {"psnr": psnr(p, t, 1.0), "ssim": ssim(p, t, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -201,7 +266,7 @@ class Perceptual(Protocol):
     by the methods, saturates at 1), whole image, grey repeated to three channels by each backbone. Backbone
     weights (``weights``): see ``perceptual.Backbones``; the record lists each file's sha256 or ``random``, and
     the leaderboard never merges records whose weights differ. FID over few slices is biased upward (Chong &
-    Forsyth 2020): compare only rows of one split, as the leaderboard does.
+    Forsyth, CVPR 2020): compare only rows of one split, as the leaderboard does.
     """
 
     name: str = "perceptual"
@@ -209,38 +274,38 @@ class Perceptual(Protocol):
     low_hu: float = -500.0
     high_hu: float = 1300.0
     weights: str = "auto"
+    reference_features: ClassVar[bool] = True
+
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        return (MetricSpec("lpips", False, "", 4, description="LPIPS (VGG16 v0.1)"),
+                MetricSpec("lpips_rad", False, "", 4, description="LPIPS on RadImageNet ResNet50 layer4"),
+                MetricSpec("fid", False, "", 2, "set", "FID (InceptionV3 pool3) against the split's targets"),
+                MetricSpec("fid_rad", False, "", 4, "set", "FID on RadImageNet ResNet50 pooled layer4"))
 
     def _unit(self, hu: torch.Tensor) -> torch.Tensor:
         return window(hu, self.low_hu, self.high_hu)
 
-    def metrics(self) -> dict[str, SliceMetric]:
-        bb = backbones(self.weights)
-        return {"lpips": BackboneMetric(bb.lpips, lambda m, p, t: m(p, t)),
-                "lpips_rad": BackboneMetric(bb.radimagenet, lambda m, fp, ft: layer4_distance(fp, ft))}
-
-    def update(self, metrics, pred_hu, batch) -> dict[str, torch.Tensor]:
+    def score_and_features(self, pred_hu, batch):
         bb = backbones(self.weights).to(pred_hu.device)
         p, t = self._unit(pred_hu), self._unit(batch["gt_image"])
-        metrics["lpips"].update(p, t)
         with torch.no_grad():  # one RadImageNet pass per image serves LPIPS-Rad and the FID-Rad features
             fp = bb.radimagenet.layer4(p)
-            metrics["lpips_rad"].update(fp, bb.radimagenet.layer4(t))
-            return {"fid": bb.inception(p), "fid_rad": fp.mean(dim=(2, 3))}
+            scores = {"lpips": bb.lpips(p, t).double(),
+                      "lpips_rad": layer4_distance(fp, bb.radimagenet.layer4(t)).double()}
+            return scores, {"fid": bb.inception(p), "fid_rad": fp.mean(dim=(2, 3))}
 
-    @property
-    def set_directions(self) -> dict[str, bool]:
-        return {"fid": False, "fid_rad": False}
+    def score(self, pred_hu, batch):
+        return self.score_and_features(pred_hu, batch)[0]
 
-    def set_features(self, hu: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    def features(self, hu, batch):
         bb = backbones(self.weights).to(hu.device)
         x = self._unit(hu)
         with torch.no_grad():
             return {"fid": bb.inception(x), "fid_rad": bb.radimagenet(x)}
 
-    def set_metric(self, name: str, features: np.ndarray, reference: np.ndarray) -> float:
-        if name not in self.set_directions:
-            return super().set_metric(name, features, reference)
-        return frechet_distance_of_features(features, reference)
+    def set_metrics(self, frame, features, reference):
+        return {m: frechet_distance_of_features(features[m], reference[m]) for m in ("fid", "fid_rad")}
 
     def weights_sha256(self) -> dict[str, str]:
         return backbones(self.weights).weights_sha256()
@@ -248,61 +313,143 @@ class Perceptual(Protocol):
 
 @dataclass(frozen=True)
 class Segmentation(Protocol):
-    """``segmentation`` (ArtifactGSI Table 2): a tissue-segmentation U-Net trained on the clean images of the
-    split's training part (``evaluation.segmentation.SegmentationRecipe``) segments each restored image;
-    ``miou`` per slice is torchmetrics' mean IoU against the tissue labels over the classes present, and
-    ``iou_<class>`` each class's IoU (slices where the class is in neither map are skipped). Needs
-    ``tissue_labels`` in the batch (synthetic benchmark). The record carries the segmenter's sha256.
+    """``segmentation`` (downstream task, as Han et al., "Reducing CT Metal Artifacts by Learning Latent Space
+    Alignment with Gemstone Spectral Imaging Data", Table 2): a tissue-segmentation network trained once on the
+    clean images of the split's training part (``segmentation.SegmentationRecipe``) segments each restored image;
+    ``iou_<class>`` is each class's IoU per slice (torchmetrics; slices where the class is in neither map are
+    skipped) and ``miou`` their mean over the classes present. Needs ``tissue_labels`` (synthetic benchmark).
+    The record carries the segmenter's sha256, so rows are compared under one segmenter only.
     """
 
     name: str = "segmentation"
-    version: str = "1"
+    version: str = "2"
     recipe: SegmentationRecipe = field(default_factory=SegmentationRecipe)
-    root: str | None = None
-    split: str | None = None
+    _datamodule: object = field(default=None, compare=False, repr=False)
+    requires: ClassVar[tuple[str, ...]] = ("tissue_labels",)
+
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        return (MetricSpec("miou", True, "", 4, description="mean IoU over the tissue classes present"),
+                *(MetricSpec(f"iou_{c}", True, "", 4, description=f"IoU of {c.replace('_', ' ')}", figure=False)
+                  for c in self.recipe.class_names))
 
     def bind(self, datamodule) -> "Segmentation":
-        from dataclasses import replace
-
-        return replace(self, root=str(datamodule.root), split=datamodule.split_path)
+        return replace(self, _datamodule=datamodule)
 
     def _segmenter(self):
-        if self.root is None:
+        if self._datamodule is None:
             raise ValueError("the segmentation protocol is bound to a datamodule (its training split) first")
-        return segmenter(self.root, self.split, self.recipe)
+        return segmenter(self._datamodule, self.recipe)
 
-    def metrics(self) -> dict[str, SliceMetric]:
-        # unbound: only the metric names and directions are asked for
-        net = torch.nn.Identity() if self.root is None else self._segmenter()[0]
-        return {"miou": MeanIoUMetric(net, self.recipe),
-                **{f"iou_{name}": ClassIoUMetric() for name in self.recipe.class_names}}
-
-    def update(self, metrics, pred_hu, batch) -> None:
-        if "tissue_labels" not in batch:
-            raise ValueError("the segmentation protocol needs 'tissue_labels' in the batch (data keys); the "
-                             "synthetic benchmark writes them")
-        mean, per_class = metrics["miou"].score(pred_hu, batch["tissue_labels"])
-        metrics["miou"].update(mean)
-        for c, name in enumerate(self.recipe.class_names):
-            metrics[f"iou_{name}"].update(per_class[:, c])
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in super().to_dict().items() if k not in ("root", "split")}
+    def score(self, pred_hu, batch):
+        per_class = segment(self._segmenter()[0], self.recipe, pred_hu, batch["tissue_labels"])
+        out = {"miou": torch.nanmean(per_class, dim=1)}
+        out.update({f"iou_{c}": per_class[:, k] for k, c in enumerate(self.recipe.class_names)})
+        return out
 
     def weights_sha256(self) -> dict[str, str]:
-        return {"segmenter": self._segmenter()[1]} if self.root is not None else {}
+        return {"segmenter": self._segmenter()[1]} if self._datamodule is not None else {}
 
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (AAPMHU(), EditMAR(), SynDeepLesionProtocol(), Perceptual(),
-                                                      Segmentation())}
+def level_lpips(lpips_net, pred01: torch.Tensor, target01: torch.Tensor, metal_mask: np.ndarray, side_px: int,
+                largest_only: bool) -> float:
+    """DuDoCROP Eq. 18 for one sweep level: the mean local LPIPS over the metal objects (or the largest one only)
+    plus the global LPIPS.
+
+    Args:
+        lpips_net: ``perceptual.LPIPSVGG``; ``pred01``, ``target01``: ``(1, 1, H, W)`` in [0, 1];
+        metal_mask: bool ``(H, W)``; side_px: side of the square window centred on each object.
+    Raises:
+        ValueError: a level without metal.
+    """
+    objects = metal_objects(metal_mask)
+    if not objects:
+        raise ValueError("a sweep level without metal: the local LPIPS of Eq. 18 needs at least one object")
+    if largest_only:
+        objects = objects[:1]
+    with torch.no_grad():
+        global_lp = float(lpips_net(pred01, target01))
+        local = [float(lpips_net(pred01[..., sy, sx], target01[..., sy, sx]))
+                 for sy, sx in (_square(o, side_px) for o in objects)]
+    return float(np.mean(local)) + global_lp
+
+
+def _square(obj: np.ndarray, side: int) -> tuple[slice, slice]:
+    """A ``side`` x ``side`` window centred on the object's centroid, shifted to lie inside the image."""
+    ys, xs = np.nonzero(obj)
+    cy, cx = ys.mean(), xs.mean()
+    h, w = obj.shape
+    side = min(side, h, w)
+    y0 = int(np.clip(round(cy - side / 2), 0, h - side))
+    x0 = int(np.clip(round(cx - side / 2), 0, w - side))
+    return slice(y0, y0 + side), slice(x0, x0 + side)
+
+
+@dataclass(frozen=True)
+class PerceptualIndicators(Protocol):
+    """``perceptual-indicators``: PI_q and PI_s of Zhang et al., "Dual-Domain CLIP-Assisted Residual Optimization
+    Perception Model for Metal Artifact Reduction" (DuDoCROP), Eq. 18-19, on the synthetic benchmark's metal
+    sweeps (``marbench.datasets.sweeps``: each base slice with 1..5 metal objects, or one object at growing sizes;
+    everything else shared along a sweep).
+
+    Per level, ``lp = mean local LPIPS + global LPIPS`` (Eq. 18) between the method's output and the metal-free
+    image in the ``editmar`` HU window, the local LPIPS on a ``local_window_mm`` square centred on each metal
+    object (quantity sweeps: every object; size sweeps: the largest). PI is the mean slope of ``lp`` over
+    consecutive levels (Eq. 19), against the number of objects (``pi_q``) or the largest object's area in mm^2
+    (``pi_s``); lower is better. Pinned here (the paper leaves them open): the window, the square's side (at
+    least 16 pixels), objects as 8-connected components of the metal mask, LPIPS VGG16 v0.1.
+    """
+
+    name: str = "perceptual-indicators"
+    version: str = "2"
+    low_hu: float = -500.0
+    high_hu: float = 1300.0
+    local_window_mm: float = 60.0
+    weights: str = "auto"
+    data: ClassVar[str] = "sweeps"
+    requires: ClassVar[tuple[str, ...]] = ("gt_image", "metal_mask", "fov_mm", "sweep_base", "n_objects",
+                                           "largest_metal_area_mm2")
+    row_keys: ClassVar[tuple[str, ...]] = ("sweep_base", "n_objects", "largest_metal_area_mm2")
+
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        return (MetricSpec("lp", False, "", 4, description="LP of Eq. 18 at each sweep level"),
+                MetricSpec("pi_q", False, "1/object", 6, "set", "PI_q (Eq. 19): mean LP slope per metal object"),
+                MetricSpec("pi_s", False, "1/mm^2", 7, "set", "PI_s (Eq. 19): mean LP slope per mm^2 of metal"))
+
+    def score(self, pred_hu, batch):
+        net = backbones(self.weights).lpips.to(pred_hu.device)
+        p, t = window(pred_hu, self.low_hu, self.high_hu), window(batch["gt_image"], self.low_hu, self.high_hu)
+        values = []
+        for i in range(pred_hu.shape[0]):
+            metal = batch["metal_mask"][i, 0].cpu().numpy()
+            side = max(16, round(self.local_window_mm / (float(batch["fov_mm"][i]) / metal.shape[-1])))
+            values.append(level_lpips(net, p[i: i + 1], t[i: i + 1], metal, side,
+                                      largest_only=batch["category"][i] == "size"))
+        return {"lp": torch.tensor(values, dtype=torch.float64)}
+
+    def set_metrics(self, frame, features, reference):
+        def indicator(kind: str, x: str) -> float:
+            rows = frame[frame["category"] == kind]
+            levels = [sorted(zip(g[x].astype(float), g["lp"].astype(float), strict=True))
+                      for _, g in rows.groupby("sweep_base", sort=True)]
+            return perceptual_indicator(levels)
+
+        return {"pi_q": indicator("quantity", "n_objects"), "pi_s": indicator("size", "largest_metal_area_mm2")}
+
+    def weights_sha256(self) -> dict[str, str]:
+        return {"vgg16-lpips": backbones(self.weights).weights_sha256()["vgg16-lpips"]}
+
+
+PROTOCOLS: Registry[Protocol] = Registry("evaluation protocol", base=Protocol)
+for _protocol in (AAPMHU(), EditMAR(), SynDeepLesionProtocol(), Perceptual(), Segmentation(), PerceptualIndicators()):
+    PROTOCOLS.register(_protocol.name, _protocol)
 
 
 def get_protocol(name: str) -> Protocol:
-    """The named protocol.
+    """The named protocol (``PROTOCOLS.get``).
 
     Raises:
         KeyError: unknown name (the message lists the known ones).
     """
-    if name not in PROTOCOLS:
-        raise KeyError(f"unknown evaluation protocol {name!r}; known: {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    return PROTOCOLS.get(name)

@@ -4,15 +4,15 @@ torchmetrics' mean IoU against the synthetic benchmark's tissue labels.
 
 The segmenter is trained once per (benchmark, split, recipe) and cached under
 ``$MARBENCH_CACHE/segmentation``; its sha256 goes into every record, so rows are only compared under one
-segmenter. Reference rows: the uncorrected input (a method) and the clean image itself (``CleanImage``,
-the segmenter's ceiling).
+segmenter. Reference rows: the uncorrected input and the clean image itself (the ``clean-image`` method, the
+segmenter's ceiling).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,17 +21,15 @@ from torchmetrics.functional.segmentation import mean_iou
 
 from marbench.converters import window
 from marbench.files import atomic_write, sha256_file
-from marbench.method import MARMethod, MethodCard
+from marbench.networks import UNet
 from marbench.physics.backends import default_cache_dir
 
-from .metrics import SliceMetric
-
-__all__ = ["SegmentationRecipe", "segmenter", "MeanIoUMetric", "ClassIoUMetric", "CleanImage"]
+__all__ = ["SegmentationRecipe", "segmenter", "segment"]
 
 
 @dataclass(frozen=True)
 class SegmentationRecipe:
-    """How the segmenter is trained: a U-Net (``marbench.methods.unet.UNet``) on clean images given as two
+    """How the segmenter is trained: a U-Net (``marbench.networks.UNet``) on clean images given as two
     windows mapped to [0, 1] (a wide one for air, lung and bone, a soft-tissue one that separates fat, muscle and
     organ), cross entropy over the tissue classes, Adam, fixed seed."""
 
@@ -47,8 +45,6 @@ class SegmentationRecipe:
     seed: int = 0
 
     def network(self) -> torch.nn.Module:
-        from marbench.methods.unet import UNet
-
         return UNet(2, self.classes, self.base, self.depth)
 
     @property
@@ -60,26 +56,28 @@ class SegmentationRecipe:
         return torch.cat([window(hu, *self.wide_hu), window(hu, *self.soft_tissue_hu)], dim=1)
 
 
-def _cache_key(root: Path, split: str | None, recipe: SegmentationRecipe) -> str:
-    manifest = root / "manifest.json"
-    data = sha256_file(manifest) if manifest.is_file() else str(root)
-    split_sha = sha256_file(split) if split else None
-    key = json.dumps({"data": data, "split": split_sha, "recipe": recipe.__dict__}, sort_keys=True)
+def _cache_key(datamodule, recipe: SegmentationRecipe) -> str:
+    manifest = Path(datamodule.root) / "manifest.json"
+    data = sha256_file(manifest) if manifest.is_file() else str(datamodule.root)
+    key = json.dumps({"data": data, "split": datamodule.split_sha256, "recipe": asdict(recipe)}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 _LOADED: dict[tuple, tuple[torch.nn.Module, str]] = {}
 
 
-def segmenter(root: str | Path, split: str | None, recipe: SegmentationRecipe = SegmentationRecipe(),
+def segmenter(datamodule, recipe: SegmentationRecipe = SegmentationRecipe(),
               log=print) -> tuple[torch.nn.Module, str]:
     """The trained segmenter of a benchmark split (trained now if not cached on disk; loaded once per process)
     and its state file's sha256.
 
+    Args:
+        datamodule: a set-up datamodule of the suite's convention with ``root``, ``split_sha256`` and
+            ``dataset(part, keys)`` (``AAPMCTMARDataModule``); the segmenter trains on its ``train`` part.
     Raises:
-        ValueError: the split has no training part or the benchmark no tissue labels (FileNotFoundError).
+        ValueError: the split has no training part; FileNotFoundError: the benchmark has no tissue labels.
     """
-    path = default_cache_dir() / "segmentation" / f"{_cache_key(Path(root), split, recipe)}.pt"
+    path = default_cache_dir() / "segmentation" / f"{_cache_key(datamodule, recipe)}.pt"
     if (path, recipe) in _LOADED:
         return _LOADED[(path, recipe)]
     # evaluation runs under inference mode; the segmenter is built and, if needed, trained outside it
@@ -87,21 +85,15 @@ def segmenter(root: str | Path, split: str | None, recipe: SegmentationRecipe = 
         torch.manual_seed(recipe.seed)
         net = recipe.network()
         if not path.is_file():
-            _train(net, root, split, recipe, path, log)
+            _train(net, datamodule.dataset("train", ("gt_image", "tissue_labels")), recipe, path, log)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     _LOADED[(path, recipe)] = (net.eval(), sha256_file(path))
     return _LOADED[(path, recipe)]
 
 
-def _train(net: torch.nn.Module, root, split, recipe: SegmentationRecipe, path: Path, log) -> None:
-    """Train ``net`` on the clean training images of ``split`` and write its state to ``path`` atomically."""
-    from marbench.datasets.aapm import AAPMCTMARDataModule
-
-    dm = AAPMCTMARDataModule(root, split=split, keys=("gt_image", "tissue_labels"), batch_size=recipe.batch_size)
-    dm.setup("fit")
-    if "train" not in dm.datasets:
-        raise ValueError(f"{split}: the segmenter is trained on the split's 'train' part, which it lacks")
-    loader = torch.utils.data.DataLoader(dm.datasets["train"], batch_size=recipe.batch_size, shuffle=True,
+def _train(net: torch.nn.Module, train_set, recipe: SegmentationRecipe, path: Path, log) -> None:
+    """Train ``net`` on the clean images of ``train_set`` and write its state to ``path`` atomically."""
+    loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(recipe.seed))
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     net.train()
@@ -119,46 +111,12 @@ def _train(net: torch.nn.Module, root, split, recipe: SegmentationRecipe, path: 
     atomic_write(path, buffer.getvalue())
 
 
-class MeanIoUMetric(SliceMetric):
-    """Mean IoU per slice over the classes present in the label map or the prediction (torchmetrics
-    ``mean_iou``, index input) of the segmenter applied to the restored image: ``score`` segments and scores,
-    ``update`` records the per-slice means."""
-
-    higher_is_better = True
-
-    def __init__(self, net: torch.nn.Module, recipe: SegmentationRecipe, **kwargs):
-        super().__init__(**kwargs)
-        self.net, self.recipe = net, recipe
-
-    def score(self, restored_hu: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean IoU ``(B,)`` and per-class IoU ``(B, classes)`` (NaN for a class in neither map) of restored images
-        ``(B, 1, H, W)`` in HU against label maps ``(B, 1, H, W)``."""
-        with torch.no_grad():
-            pred = self.net(self.recipe.inputs(restored_hu)).argmax(1)
-        target = labels[:, 0]
-        mean = mean_iou(pred, target, num_classes=self.recipe.classes, input_format="index")
-        per_class = mean_iou(pred, target, num_classes=self.recipe.classes, per_class=True, input_format="index")
-        return mean, torch.where(per_class < 0, torch.full_like(per_class, float("nan")), per_class)
-
-    def update(self, values: torch.Tensor) -> None:
-        self._append(values)
-
-
-class ClassIoUMetric(SliceMetric):
-    """One class's IoU per slice (NaN where the class is in neither the labels nor the prediction; the
-    aggregates skip those slices)."""
-
-    higher_is_better = True
-
-    def update(self, values: torch.Tensor) -> None:
-        self._append(values)
-
-
-class CleanImage(MARMethod):
-    """The metal-free image itself: the segmentation reference row (the segmenter's ceiling); not registered."""
-
-    card = MethodCard(name="clean-image", paper="reference row: the metal-free image", needs=("gt_image",),
-                      trainable=False, metal="no metal (the metal-free image)")
-
-    def restore(self, batch: dict) -> torch.Tensor:
-        return batch["gt_image"].clone()
+def segment(net: torch.nn.Module, recipe: SegmentationRecipe, restored_hu: torch.Tensor,
+            labels: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU ``(B, classes)`` float64 of ``net``'s segmentation of restored images ``(B, 1, H, W)`` (HU)
+    against label maps ``(B, 1, H, W)`` (int64), torchmetrics ``mean_iou`` per class; NaN for a class in neither
+    map (undefined there, skipped by the means)."""
+    with torch.no_grad():
+        pred = net.to(restored_hu.device)(recipe.inputs(restored_hu)).argmax(1)
+    per_class = mean_iou(pred, labels[:, 0], num_classes=recipe.classes, per_class=True, input_format="index")
+    return torch.where(per_class < 0, torch.full_like(per_class, float("nan")), per_class).double()

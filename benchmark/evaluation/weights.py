@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marbench.files import sha256_file
+from marbench.registry import Registry
 
 __all__ = ["WeightSpec", "WEIGHTS", "weights_dir", "resolve", "status"]
 
@@ -33,7 +34,8 @@ class WeightSpec:
         return self.sha256_prefix is not None and digest.startswith(self.sha256_prefix)
 
 
-WEIGHTS: dict[str, WeightSpec] = {w.name: w for w in (
+WEIGHTS: Registry[WeightSpec] = Registry("weight file", base=WeightSpec)
+for _spec in (
     WeightSpec("inception-v3-fid", "weights-inception-2015-12-05-6726825d.pth",
                "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth", "Apache-2.0 (torch-fidelity), TF Inception weights",
@@ -44,7 +46,8 @@ WEIGHTS: dict[str, WeightSpec] = {w.name: w for w in (
     WeightSpec("radimagenet-resnet50", "RadImageNet-ResNet50_notop.pth",
                "PyTorch conversion of RadImageNet-ResNet50-notop.h5 (https://github.com/BMEII-AI/RadImageNet)",
                "RadImageNet terms of use", "FID-Rad and LPIPS-Rad (ResNet50 layer4, 2048 channels)"),
-)}
+):
+    WEIGHTS.register(_spec.name, _spec)
 
 
 def weights_dir() -> Path:
@@ -60,9 +63,7 @@ def resolve(name: str) -> tuple[Path, str]:
         FileNotFoundError: the file is missing (names it, its source and the folder to put it in).
         ValueError: the file's sha256 does not match the registry.
     """
-    if name not in WEIGHTS:
-        raise KeyError(f"unknown weights {name!r}; known: {sorted(WEIGHTS)}")
-    spec = WEIGHTS[name]
+    spec = WEIGHTS.get(name)
     path = weights_dir() / spec.filename
     if not path.is_file():
         raise FileNotFoundError(f"{spec.used_for} needs {spec.filename}, not found in {weights_dir()}. Get it from "

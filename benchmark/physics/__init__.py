@@ -1,4 +1,5 @@
 """CT physics core (``marbench.physics``): geometry, projectors, FBP, polychromatic simulation, LI and NMAR."""
+from .ctphysics import CTPhysics, geometry_from_key, geometry_key
 from .geometry import PRESETS, FanBeamGeometry, Geometry, ParallelBeamGeometry, preset
 from .inpainting import li_correction, linear_interpolation, metal_trace, nmar_correction, nmar_prior
 from .projector import BACKENDS, Projector
@@ -7,9 +8,12 @@ from .units import hu_to_mu, mu_to_hu
 
 __all__ = [
     "BACKENDS",
+    "CTPhysics",
     "PRESETS",
     "FanBeamGeometry",
     "Geometry",
+    "geometry_from_key",
+    "geometry_key",
     "ParallelBeamGeometry",
     "Projector",
     "SimulatedScan",

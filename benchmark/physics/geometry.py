@@ -31,6 +31,8 @@ from typing import Literal, Union
 
 import numpy as np
 
+from marbench.registry import Registry
+
 __all__ = [
     "PRESETS",
     "FanBeamGeometry",
@@ -201,7 +203,7 @@ _SDL_RESO_MM = 512 / 416 * 0.03 * 10
 _SDL_RADIUS_MM = 1075 * _SDL_RESO_MM
 _SDL_DET_WIDTH_MM = 2 * math.sqrt(2) * 416 * _SDL_RESO_MM
 
-PRESETS: dict[str, Geometry] = {
+_PRESET_TABLE: dict[str, Geometry] = {
     # AAPM CT-MAR (xcist/example AAPM_datachallenge: AAPMRecon.py, AAPM_MAR_scanner.cfg)
     "aapm_body": FanBeamGeometry(n_views=1000, n_channels=900, image_size=512, fov_mm=400.0,
                                  channel_pitch_mm=1.0, **_AAPM),
@@ -225,13 +227,20 @@ PRESETS: dict[str, Geometry] = {
 }
 
 
+# One registry type for every named thing of the suite (marbench.registry); a user registers a scanner with
+# ``PRESETS.register("my_scanner", FanBeamGeometry(...))`` and names it in a dataset's manifest.
+PRESETS: Registry[Geometry] = Registry("geometry preset", base=_GeometryBase)
+for _name, _geometry in _PRESET_TABLE.items():
+    PRESETS.register(_name, _geometry)
+
+
 def preset(name: str) -> Geometry:
     """Return the named geometry preset.
 
     Raises:
         KeyError: unknown name; the message lists the known presets.
+
+    >>> preset("aapm_body").sinogram_shape
+    (1000, 900)
     """
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown geometry preset {name!r}; known: {sorted(PRESETS)}") from None
+    return PRESETS.get(name)

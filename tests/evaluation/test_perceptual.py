@@ -16,8 +16,7 @@ from marbench.evaluation.perceptual import (
 )
 from marbench.evaluation.protocols import Perceptual
 from marbench.evaluation.records import read_record
-from marbench.method import MethodCard
-from marbench.methods.classic import LinearInterpolation, Uncorrected
+from marbench.methods.classic import CleanImage, Uncorrected
 
 
 def _images(seed=0, b=2, n=64):
@@ -99,43 +98,34 @@ def test_perceptual_indicator_is_the_mean_finite_difference_slope():
         perceptual_indicator([[(1, 0.1)]])
 
 
-class _Oracle(LinearInterpolation):
-    """Returns the metal-free image: every perceptual distance to the reference must vanish."""
-
-    card = MethodCard(name="oracle", paper="test", needs=("gt_image",), trainable=False)
-
-    def restore(self, batch):
-        return batch["gt_image"].clone()
-
-
 def test_perceptual_protocol_records_lpips_fid_and_reuses_reference_features(tiny_benchmark, tmp_path, monkeypatch):
     out, _ = tiny_benchmark
     calls = []
-    original = Perceptual.set_features
+    original = Perceptual.features
 
     def counting(self, hu, batch):
         calls.append(hu.shape[0])
         return original(self, hu, batch)
 
-    monkeypatch.setattr(Perceptual, "set_features", counting)
+    monkeypatch.setattr(Perceptual, "features", counting)
     records = {}
-    for method in (Uncorrected(), _Oracle()):
+    for method in (Uncorrected(), CleanImage()):
         dm = AAPMCTMARDataModule(out, anatomy=("body",), split=str(out / "split.txt"), batch_size=4,
                                  keys=("ma_image", "gt_image", "metal_mask", "li_image"))
         calls.clear()
         (path,) = evaluate(method, dm, ["perceptual"], "tiny", out_dir=str(tmp_path))
         records[method.card.name] = (read_record(path), sum(calls))
-    (unc, unc_calls), (oracle, oracle_calls) = records["uncorrected"], records["oracle"]
-    n = unc["dataset"]["slices"]
+    (unc, unc_calls), (oracle, oracle_calls) = records["uncorrected"], records["clean-image"]
+    n = unc.dataset["slices"]
     assert unc_calls == n and oracle_calls == 0  # the second method reuses the cached reference features
-    assert unc["protocol"]["weights_sha256"] == {"vgg16-lpips": "random", "inception-v3-fid": "random",
+    assert unc.protocol["weights_sha256"] == {"vgg16-lpips": "random", "inception-v3-fid": "random",
                                                  "radimagenet-resnet50": "random"}
-    assert set(unc["slices"][0]) >= {"lpips", "lpips_rad"} and set(unc["metrics"]["set"]) == {"fid", "fid_rad"}
-    assert unc["metrics"]["overall"]["lpips"]["mean"] > 0 and unc["metrics"]["set"]["fid"] > 0
-    assert oracle["metrics"]["overall"]["lpips"]["mean"] < 1e-6
-    assert oracle["metrics"]["overall"]["lpips_rad"]["mean"] < 1e-6
+    assert set(unc.slices[0]) >= {"lpips", "lpips_rad"} and set(unc.metrics["set"]) == {"fid", "fid_rad"}
+    assert unc.metrics["overall"]["lpips"]["mean"] > 0 and unc.metrics["set"]["fid"] > 0
+    assert oracle.metrics["overall"]["lpips"]["mean"] < 1e-6
+    assert oracle.metrics["overall"]["lpips_rad"]["mean"] < 1e-6
     for m in ("fid", "fid_rad"):  # identical feature sets (up to the sqrtm of a rank-deficient covariance)
-        assert abs(oracle["metrics"]["set"][m]) < 1e-3 * unc["metrics"]["set"][m]
+        assert abs(oracle.metrics["set"][m]) < 1e-3 * unc.metrics["set"][m]
 
 
 def test_inception_features_follow_the_fid_input_convention():

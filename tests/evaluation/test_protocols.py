@@ -3,7 +3,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from marbench.evaluation.protocols import PROTOCOLS, get_protocol
+from marbench.evaluation.protocols import PROTOCOLS, MetricSpec, get_protocol
 
 
 def _batch(gt, metal, anatomy="body", fov=400.0):
@@ -24,36 +24,38 @@ def test_aapm_hu_follows_aapm_metric_py():
     gt, metal = _phantom()
     pred = gt + torch.randn(gt.shape, generator=torch.Generator().manual_seed(0)) * 20
     pred[metal] = 5000.0  # metal put back: excluded by the protocol
-    p = get_protocol("aapm-hu")
-    metrics = p.metrics()
-    p.update(metrics, pred, _batch(gt, metal))
+    scores = get_protocol("aapm-hu").score(pred, _batch(gt, metal))
     # independent: the AAPMmetric.py recipe in numpy/skimage
+
     def scale(x):
         x = x[0, 0].numpy().astype(np.float64) + 1000
         x[metal[0, 0].numpy()] = 0
         return np.clip((x + 2000) / 22000, 0, 1)  # whole 64 x 64 body image lies inside the 470 mm ring
+
     g, q = scale(gt), scale(pred)
     n = 64
     yy, xx = np.mgrid[:n, :n]
     ring = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2) * (400 / n) ** 2 < 235**2
     g[~ring], q[~ring] = 0, 0
-    assert float(metrics["psnr"].compute()) == pytest.approx(peak_signal_noise_ratio(g, q, data_range=1), abs=1e-4)
+    assert float(scores["psnr"]) == pytest.approx(peak_signal_noise_ratio(g, q, data_range=1), abs=1e-4)
     ssim_ref = structural_similarity(g, q, win_size=11, gaussian_weights=True, sigma=1.5,
                                      use_sample_covariance=False, data_range=1)
-    assert float(metrics["ssim"].compute()) == pytest.approx(ssim_ref, abs=1e-4)
+    assert float(scores["ssim"]) == pytest.approx(ssim_ref, abs=1e-4)
     # RMSE: inside the body, metal dilated by 2 px excluded -> the 5000 HU metal does not count
-    assert 15 < float(metrics["rmse_hu"].compute()) < 25
+    keep = np.hypot(yy - 32, xx - 32) < 64 * 0.4  # the body
+    keep[28:35, 28:35] = False  # the 3 x 3 metal dilated by 2 pixels
+    ref = np.sqrt(np.mean(((pred - gt)[0, 0].numpy()[keep]) ** 2))
+    assert float(scores["rmse_hu"]) == pytest.approx(ref, rel=1e-5)
 
 
 def test_editmar_quantises_the_window_to_8_bits():
     gt, metal = _phantom()
     p = get_protocol("editmar")
     assert p.eight_bit(torch.tensor([-2000.0, -500.0, 400.0, 1300.0, 4000.0])).tolist() == [0, 0, 128, 255, 255]
-    metrics = p.metrics()
     pred = gt + 30.0
-    p.update(metrics, pred, _batch(gt, metal))
     g8, p8 = (np.round(np.clip((x[0, 0].numpy() + 500) / 1800, 0, 1) * 255) for x in (gt, pred))
-    assert float(metrics["psnr"].compute()) == pytest.approx(peak_signal_noise_ratio(g8, p8, data_range=255), abs=1e-4)
+    psnr = float(p.score(pred, _batch(gt, metal))["psnr"])
+    assert psnr == pytest.approx(peak_signal_noise_ratio(g8, p8, data_range=255), abs=1e-4)
 
 
 def test_syndeeplesion_zeroes_the_metal_and_clips_attenuation():
@@ -61,17 +63,36 @@ def test_syndeeplesion_zeroes_the_metal_and_clips_attenuation():
     p = get_protocol("syndeeplesion")
     u = p.unit(torch.tensor([[-1000.0, 0.0, 3000.0]]), torch.tensor([[False, False, True]]))
     assert u.tolist() == [[0.0, pytest.approx(0.384), 0.0]]
-    metrics = p.metrics()
     pred = gt.clone()
     pred[metal] = 9999.0
-    p.update(metrics, pred, _batch(gt, metal))
-    assert torch.isinf(metrics["psnr"].compute())  # metal differences do not count
+    assert torch.isinf(p.score(pred, _batch(gt, metal))["psnr"]).all()  # metal differences do not count
 
 
-def test_protocols_are_named_and_versioned():
+@pytest.mark.parametrize("name", ["aapm-hu", "editmar", "syndeeplesion", "perceptual"])
+def test_each_declared_direction_ranks_the_target_above_a_degraded_image(name):
+    """``higher_is_better`` is declared once per metric; here it must agree with what the metric computes."""
+    gt, metal = _phantom()
+    p = get_protocol(name)
+    noise = torch.randn(gt.shape, generator=torch.Generator().manual_seed(1)) * 150
+    degraded = torch.where(metal, gt, gt + noise + 80)
+    perfect, worse = p.score(gt, _batch(gt, metal)), p.score(degraded, _batch(gt, metal))
+    for spec in p.metrics:
+        if spec.level != "slice":
+            continue
+        a, b = float(perfect[spec.name][0]), float(worse[spec.name][0])
+        assert (a > b) if spec.higher_is_better else (a < b), f"{name}/{spec.name}: {a} vs {b}"
+
+
+def test_every_protocol_declares_its_metrics_once_and_scores_only_those():
     for name, p in PROTOCOLS.items():
         d = p.to_dict()
-        assert d["name"] == name and d["version"]
-        assert set(p.directions) == set(p.metrics())
-    with pytest.raises(KeyError, match="unknown evaluation protocol 'aapm'"):
+        assert d["name"] == name and d["version"] and d["kind"] == type(p).__name__
+        names = [m["name"] for m in d["metrics"]]
+        assert len(names) == len(set(names)) and all(isinstance(m, MetricSpec) for m in p.metrics)
+    with pytest.raises(KeyError, match="unknown evaluation protocol 'aapm'; known: \\["):
         get_protocol("aapm")
+
+
+def test_a_batch_missing_a_key_is_named():
+    with pytest.raises(KeyError, match=r"protocol 'segmentation' needs batch keys \['tissue_labels'\]"):
+        get_protocol("segmentation").check_batch({"gt_image": torch.zeros(1, 1, 8, 8)})

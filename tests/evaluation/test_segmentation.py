@@ -5,10 +5,11 @@ from marbench.datasets.aapm import AAPMCTMARDataModule
 from marbench.evaluation.evaluator import evaluate
 from marbench.evaluation.protocols import Segmentation
 from marbench.evaluation.records import read_record
-from marbench.evaluation.segmentation import CleanImage, SegmentationRecipe, segmenter
-from marbench.methods.classic import LinearInterpolation, Uncorrected
+from marbench.evaluation.segmentation import SegmentationRecipe, segmenter
+from marbench.methods.classic import CleanImage, LinearInterpolation, Uncorrected
 
 RECIPE = SegmentationRecipe(base=8, depth=3, epochs=20)  # 10 training slices: 40 steps
+KEYS = ("ma_image", "gt_image", "metal_mask", "li_image", "tissue_labels")
 
 
 def test_segmentation_rows_rank_clean_above_li_above_uncorrected(tiny_benchmark, tmp_path):
@@ -16,27 +17,25 @@ def test_segmentation_rows_rank_clean_above_li_above_uncorrected(tiny_benchmark,
     out, _ = tiny_benchmark
     miou = {}
     for method in (CleanImage(), LinearInterpolation(), Uncorrected()):
-        dm = AAPMCTMARDataModule(out, split=str(out / "split.txt"), batch_size=4,
-                                 keys=("ma_image", "gt_image", "metal_mask", "li_image", "tissue_labels"))
+        dm = AAPMCTMARDataModule(out, split=str(out / "split.txt"), batch_size=4, keys=KEYS)
         (path,) = evaluate(method, dm, [Segmentation(recipe=RECIPE)], "tiny", out_dir=str(tmp_path))
         record = read_record(path)
-        miou[method.card.name] = record["metrics"]["overall"]["miou"]["mean"]
-    assert len(record["protocol"]["weights_sha256"]["segmenter"]) == 64 and "root" not in record["protocol"]
-    overall = record["metrics"]["overall"]
+        miou[method.card.name] = record.metrics["overall"]["miou"]["mean"]
+    assert len(record.protocol["weights_sha256"]["segmenter"]) == 64 and "_datamodule" not in record.protocol
+    overall = record.metrics["overall"]
     assert {f"iou_{c}" for c in RECIPE.class_names} <= set(overall)
-    assert overall["iou_air"]["n"] == record["dataset"]["slices"]  # air is in every slice
+    assert overall["iou_air"]["n"] == record.dataset["slices"]  # air is in every slice
     assert 0 <= overall["iou_air"]["mean"] <= 1
     assert miou["clean-image"] > miou["li"] > miou["uncorrected"]
 
 
 def test_the_segmenter_learns_the_tissue_labels_and_is_cached(tiny_benchmark):
     out, _ = tiny_benchmark
-    split = str(out / "split.txt")
-    net, digest = segmenter(out, split, RECIPE, log=lambda *_: None)
-    again, digest_again = segmenter(out, split, RECIPE)
-    assert again is net and digest_again == digest  # loaded once per process, trained once per cache
-    dm = AAPMCTMARDataModule(out, split=split, keys=("gt_image", "tissue_labels"), batch_size=8)
+    dm = AAPMCTMARDataModule(out, split=str(out / "split.txt"), keys=("gt_image", "tissue_labels"), batch_size=8)
     dm.setup("fit")
+    net, digest = segmenter(dm, RECIPE, log=lambda *_: None)
+    again, digest_again = segmenter(dm, RECIPE)
+    assert again is net and digest_again == digest  # loaded once per process, trained once per cache
     batch = next(iter(dm.train_dataloader()))
     with torch.no_grad():
         pred = net(RECIPE.inputs(batch["gt_image"])).argmax(1)
@@ -46,6 +45,6 @@ def test_the_segmenter_learns_the_tissue_labels_and_is_cached(tiny_benchmark):
     assert accuracy > 0.75 and accuracy > majority + 0.1  # a short schedule (40 steps): 0.77-0.83; majority 0.64
 
 
-def test_labels_are_required():
-    with pytest.raises(ValueError, match="needs 'tissue_labels'"):
-        Segmentation().update({}, torch.zeros(1, 1, 8, 8), {"gt_image": torch.zeros(1, 1, 8, 8)})
+def test_an_unbound_protocol_says_so():
+    with pytest.raises(ValueError, match="bound to a datamodule"):
+        Segmentation().score(torch.zeros(1, 1, 8, 8), {"tissue_labels": torch.zeros(1, 1, 8, 8, dtype=torch.long)})

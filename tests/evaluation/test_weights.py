@@ -3,6 +3,7 @@ import hashlib
 import pytest
 
 from marbench.evaluation import weights
+from marbench.registry import Registry
 
 
 def test_missing_file_names_it_its_source_and_the_folder(tmp_path, monkeypatch):
@@ -20,11 +21,14 @@ def test_hash_prefix_and_full_digest_are_checked(tmp_path, monkeypatch):
     payload = b"tiny stand-in weights"
     digest = hashlib.sha256(payload).hexdigest()
     spec = weights.WeightSpec("tiny", "tiny.pth", "tests", "none", "tests", sha256_prefix=digest[:8])
-    monkeypatch.setitem(weights.WEIGHTS, "tiny", spec)
+    registry = Registry("weight file", base=weights.WeightSpec)
+    for name, known in [*weights.WEIGHTS.items(), ("tiny", spec)]:
+        registry.register(name, known)
+    monkeypatch.setattr(weights, "WEIGHTS", registry)
     (tmp_path / "tiny.pth").write_bytes(payload)
     assert weights.resolve("tiny") == (tmp_path / "tiny.pth", digest)
     states = dict((n, s) for n, _, s in weights.status())
     assert states["tiny"] == f"verified {digest[:12]}" and states["vgg16-lpips"] == "MISMATCH"
     assert states["radimagenet-resnet50"] == "missing"
-    with pytest.raises(KeyError, match="unknown weights"):
+    with pytest.raises(KeyError, match="unknown weight file 'alexnet'"):
         weights.resolve("alexnet")

@@ -3,17 +3,17 @@ import torch
 
 from marbench.method import MARMethod, MethodCard
 from marbench.methods.classic import LinearInterpolation, NormalizedMAR, Uncorrected
-from marbench.methods.unet import ResidualUNet, UNet
+from marbench.methods.unet import ResidualUNet
 
 
 class _Broken(MARMethod):
-    card = MethodCard(name="broken", paper="test", needs=("ma_image",), trainable=False)
+    card = MethodCard(name="broken", paper="test", inputs=("ma_image",), trainable=False)
 
     def __init__(self, kind):
         super().__init__()
         self.kind = kind
 
-    def restore(self, batch):
+    def restore(self, batch, physics):
         x = batch["ma_image"]
         return x[..., :-1] if self.kind == "shape" else x * float("nan")
 
@@ -27,40 +27,23 @@ def test_bad_predictions_are_refused(kind, match):
         _Broken(kind).predict_step({"ma_image": torch.zeros(1, 1, 8, 8)})
 
 
-def test_missing_batch_keys_are_named():
-    with pytest.raises(ValueError, match=r"needs batch keys \['li_image'\]"):
-        LinearInterpolation().predict_step({"ma_image": torch.zeros(1, 1, 8, 8), "metal_mask": torch.zeros(1, 1, 8, 8,
-                                                                                                            dtype=bool)})
-
-
 def _rmse(pred, batch):
     keep = (batch["gt_image"] > -500) & ~batch["metal_mask"]
     return float((pred - batch["gt_image"])[keep].pow(2).mean().sqrt())
 
 
-def test_li_and_nmar_beat_the_uncorrected_input_and_keep_the_metal(tiny_batch):
-    dm, batch = tiny_batch
-    nmar = NormalizedMAR()
-    nmar.attach_geometries(dm.geometries)
-    preds = {m.card.name: m.predict_step(batch) for m in (Uncorrected(), LinearInterpolation(), nmar)}
-    assert _rmse(preds["li"], batch) < _rmse(preds["uncorrected"], batch)
-    assert _rmse(preds["nmar"], batch) < _rmse(preds["uncorrected"], batch)
-    for p in preds.values():
-        assert torch.equal(p[batch["metal_mask"]], batch["ma_image"][batch["metal_mask"]])
-
-
-def test_nmar_needs_the_datamodule_geometry(tiny_batch):
+def test_li_and_nmar_beat_the_uncorrected_input(tiny_batch):
     _, batch = tiny_batch
-    with pytest.raises(ValueError, match="nmar: no geometry for anatomy 'body'"):
-        NormalizedMAR().predict_step(batch)
+    preds = {m.card.name: m.predict_step(batch) for m in (Uncorrected(), LinearInterpolation(), NormalizedMAR())}
+    assert _rmse(preds["li"], batch) < 0.7 * _rmse(preds["uncorrected"], batch)
+    assert _rmse(preds["nmar"], batch) < 0.7 * _rmse(preds["uncorrected"], batch)
 
 
-def test_unet_shapes_and_determinism():
-    torch.manual_seed(0)
-    net = UNet(1, 1, base=8, depth=3).eval()
-    x = torch.randn(2, 1, 32, 32)
-    assert net(x).shape == x.shape
-    assert torch.equal(net(x), net(x))
+def test_nmar_reads_the_geometry_the_batch_names(tiny_batch):
+    _, batch = tiny_batch
+    assert set(batch["geometry"]) == {"aapm_body_128"}
+    with pytest.raises(KeyError, match="unknown geometry preset 'aapm_body_64'"):
+        NormalizedMAR().predict_step({**batch, "geometry": ["aapm_body_64"] * len(batch["geometry"])})
 
 
 def test_unet_starts_from_li_and_overfits_one_batch(tiny_batch):

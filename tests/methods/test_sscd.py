@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from marbench.methods.sscd import MaskPyramidUNet, SelfSupervisedCrossDomainMAR, metal_trace_replacement
-from marbench.physics import FanBeamGeometry, linear_interpolation, metal_trace
+from marbench.physics import CTPhysics, FanBeamGeometry, geometry_key, linear_interpolation, metal_trace
 
 # a small full-rotation fan beam (AAPM source and detector distances) so that a training loop runs in seconds
 GEOMETRY = FanBeamGeometry(n_views=64, n_channels=57, image_size=32, fov_mm=400.0, channel_pitch_mm=16.0)
+KEY = geometry_key(GEOMETRY)  # no preset: the batch names it by its canonical JSON
 
 
 def _phantoms(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,9 +27,7 @@ def _phantoms(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def setup():
-    model = SelfSupervisedCrossDomainMAR(variant="joint", base=4, depth=2)
-    model.attach_geometries({"body": GEOMETRY})
-    projector = model.projector("body", torch.device("cpu"))
+    projector = CTPhysics().projector(KEY)
     images, masks = _phantoms()
     return projector, projector.fp(images), masks
 
@@ -72,8 +71,7 @@ def test_one_batch_overfit(setup, fit_on_one_batch):
     projector, sinogram, masks = setup
     torch.manual_seed(0)
     model = SelfSupervisedCrossDomainMAR(variant="joint", base=8, depth=2, lr=3e-3)
-    model.attach_geometries({"body": GEOMETRY})
-    batch = {"gt_sinogram": sinogram, "metal_mask": masks, "anatomy": ["body"] * 3}
+    batch = {"gt_sinogram": sinogram, "metal_mask": masks, "geometry": [KEY] * 3}
 
     def total():
         with torch.no_grad():
@@ -84,21 +82,19 @@ def test_one_batch_overfit(setup, fit_on_one_batch):
     assert total() < first / 5
 
 
-def test_inference_of_every_variant_keeps_the_metal_and_names_its_row(setup):
+def test_every_variant_names_its_row_and_the_untrained_ones_are_li(setup):
     projector, sinogram, masks = setup
     images, _ = _phantoms()
     ma_image = torch.where(masks, torch.full_like(images, 3000.0), (images / 0.02 - 1) * 1000)
-    batch = {"ma_image": ma_image, "ma_sinogram": sinogram, "metal_mask": masks, "anatomy": ["body"] * 3}
+    batch = {"ma_image": ma_image, "ma_sinogram": sinogram, "metal_mask": masks, "geometry": [KEY] * 3}
     names = set()
     for variant in ("sinonet", "sinonet+fbpcons", "joint", "joint+mtr"):
         model = SelfSupervisedCrossDomainMAR(variant=variant, base=4, depth=2).eval()
-        model.attach_geometries({"body": GEOMETRY})
         out = model.predict_step(batch)
-        assert torch.equal(out[masks], ma_image[masks])
         # the paper's threshold segmentation finds the same metal here (3000 HU metal, tissue below 2000 HU)
         thresholded = SelfSupervisedCrossDomainMAR(variant=variant, base=4, depth=2, metal_mask_source="threshold")
         thresholded.load_state_dict(model.state_dict())
-        thresholded.eval().attach_geometries({"body": GEOMETRY})
+        thresholded.eval()
         assert torch.equal(thresholded.predict_step({k: v for k, v in batch.items() if k != "metal_mask"}), out)
         names.add(model.card.name)
         if variant != "joint+mtr":  # zero-initialised heads: untrained, these are the LI reconstruction
@@ -115,7 +111,7 @@ def test_bad_configurations_are_refused(setup):
         SelfSupervisedCrossDomainMAR(metal_mask_source="segmentation")
     model = SelfSupervisedCrossDomainMAR(variant="sinonet", base=4, depth=2)
     with pytest.raises(ValueError, match="at least 2 slices"):
-        model.training_step({"gt_sinogram": sinogram[:1], "metal_mask": masks[:1], "anatomy": ["body"]}, 0)
+        model.training_step({"gt_sinogram": sinogram[:1], "metal_mask": masks[:1], "geometry": [KEY]}, 0)
 
 
 def test_mask_pyramid_unet_pads_any_sinogram_shape():

@@ -35,14 +35,14 @@ def test_reduced_presets_keep_the_physical_fan():
     full, small = preset("aapm_body"), preset("aapm_body_256")
     assert small.fan_angles()[0] == pytest.approx(full.fan_angles()[0], abs=full.dalpha_rad)
     assert small.channel_offset * small.dalpha_rad == pytest.approx(-1.25 * full.dalpha_rad, rel=1e-3)
-    assert all(p.has_quarter_turn_symmetry() for p in PRESETS.values())
+    assert all(p.has_quarter_turn_symmetry() for _, p in PRESETS.items())
 
 
 def test_hash_is_stable_and_field_sensitive():
     g = preset("aapm_body")
     assert g.hash == FanBeamGeometry(**{k: v for k, v in g.to_dict().items() if k != "kind"}).hash
     assert g.hash != preset("aapm_head").hash
-    assert len({p.hash for p in PRESETS.values()}) == len(PRESETS)
+    assert len({p.hash for _, p in PRESETS.items()}) == len(PRESETS)
 
 
 def test_rays_start_at_the_top_and_turn_clockwise():

@@ -1,0 +1,23 @@
+"""The ``>>>`` examples of the public modules run as tests (imported under their installed ``marbench`` names)."""
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "marbench.registry",
+    "marbench.networks",
+    "marbench.converters",
+    "marbench.physics.ctphysics",
+    "marbench.physics.geometry",
+    "marbench.evaluation.metrics",
+    "marbench.evaluation.protocols",
+    "marbench.datasets.sweeps",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no >>> example"
+    assert result.failed == 0
