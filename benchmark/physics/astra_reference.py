@@ -32,16 +32,19 @@ class AstraProjector:
         half = g.fov_mm / 2
         # ASTRA's volume row 0 is at max y, as the suite's (checked by tests against our projector)
         self.vol_geom = astra.create_vol_geom(g.image_size, g.image_size, -half, half, -half, half)
-        beta = g.view_angles()
-        lateral_step = np.stack([-np.cos(beta), np.sin(beta)], axis=1) * g.channel_pitch_mm
+        # the suite's conventions (geometry module docstring, as ``Geometry.rays``): display angle psi, source at
+        # sid (-sin psi, cos psi), central ray along (sin psi, -cos psi), channel k at (k - (C-1)/2 + offset) pitch
+        # along channel_direction (cos psi, sin psi)
+        psi = g.display_angles()
+        lateral_step = g.channel_direction * np.stack([np.cos(psi), np.sin(psi)], axis=1) * g.channel_pitch_mm
         if isinstance(g, FanBeamGeometry):
-            src = g.sid_mm * np.stack([np.sin(beta), np.cos(beta)], axis=1)
+            src = g.source_positions()
             centre = src * (1 - g.sdd_mm / g.sid_mm) + g.channel_offset * lateral_step
             vectors = np.concatenate([src, centre, lateral_step], axis=1)
             self.proj_geom = astra.create_proj_geom("fanflat_vec", g.n_channels, vectors)
             kind = "line_fanflat"
         else:
-            ray = np.stack([-np.sin(beta), -np.cos(beta)], axis=1)
+            ray = np.stack([np.sin(psi), -np.cos(psi)], axis=1)
             centre = g.channel_offset * lateral_step
             vectors = np.concatenate([ray, centre, lateral_step], axis=1)
             self.proj_geom = astra.create_proj_geom("parallel_vec", g.n_channels, vectors)

@@ -6,8 +6,9 @@ exact adjoint (``bp``). ``projector.Projector`` wraps them in autograd; they are
 * ``SparseMatrixBackend`` (default): the same Joseph weights assembled once into a CSR system matrix with int32
   indices, its transpose stored explicitly, cached on disk per geometry hash and memory-mapped on reuse. When
   the views cover a full turn in a multiple of four, only the first quarter of the views is stored and view
-  ``v + q V/4`` is applied to the image rotated by ``q`` quarter turns (4x less memory, and the four rotated
-  copies batch into one sparse-dense product).
+  ``v + q V/4`` is applied to the image rotated by ``q`` quarter turns against the gantry's rotation
+  (``torch.rot90(image, q * geometry.quarter_turn_rot90())``, either rotation sense; 4x less memory, and the
+  four rotated copies batch into one sparse-dense product).
 """
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ def quarter_turn_operator(geometry: Geometry, tag: str, entries, cache_dir, devi
     import scipy.sparse as sp
 
     g = geometry
-    turns = 4 if g.has_quarter_turn_symmetry() else 1
+    k = g.quarter_turn_rot90()  # +-1: view v + V/4 is view v of torch.rot90(image, k); 0: no symmetry
+    turns = 4 if k else 1
     stored = g.n_views // turns
     shape = (stored * g.n_channels, g.image_size**2)
 
@@ -121,7 +123,7 @@ def quarter_turn_operator(geometry: Geometry, tag: str, entries, cache_dir, devi
     pair = CachedCSRPair(operator_cache_path(g, tag, cache_dir), shape, build, device)
     # 8 columns per sparse product was fastest on the 2-core CPU (perf/projector_speed.py); cuSPARSE takes all
     width = CPU_PRODUCT_COLUMNS if device.type == "cpu" else 2**30
-    return QuarterTurnOperator(pair, g.image_size, g.n_views, g.n_channels, turns, width, width)
+    return QuarterTurnOperator(pair, g.image_size, g.n_views, g.n_channels, turns, width, width, k=k)
 
 
 class SparseMatrixBackend:

@@ -11,8 +11,21 @@ Source: Kak & Slaney, *Principles of Computerized Tomographic Imaging* (1988), S
   along the central ray) / ``D``;
 * parallel beam, Eq. 3.3: Ram-Lak kernel ``h(na) = 1/(4a^2), 0, -1/(n^2 pi^2 a^2)``, unweighted backprojection.
 
-Fan-beam FBP requires a full rotation (no short-scan weighting). The filter window (``ram-lak``, ``shepp-logan``
-``sinc(f)``, ``hann`` ``(1 + cos 2 pi f)/2``, f in cycles per channel) multiplies the kernel's spectrum.
+Fan-beam FBP requires a full rotation (no short-scan weighting). A window multiplies the kernel's spectrum; with
+``f`` in cycles per channel and ``u = f / 0.5`` the frequency relative to Nyquist:
+
+* ``ram-lak``: 1; ``shepp-logan``: ``sinc(f)``; ``hann``: ``(1 + cos 2 pi f) / 2``;
+* ``soft``, ``standard``, ``bone``: XCIST's reconstruction kernels (xcist/main
+  ``gecatsim/reconstruction/pyfiles/createHSP.py``), a window through five points at ``u = 0, 0.25, 0.5, 0.75,
+  1`` interpolated by a quadratic spline (``scipy.interpolate.interp1d(kind='quadratic')`` there,
+  ``make_interp_spline(k=2)`` here): ``soft`` ``(1, 0.815, 0.4564, 0.1636, 0)``, ``standard`` ``(1, 0.9338,
+  0.7441, 0.4425, 0.0531)``, ``bone`` ``(1, 1.0485, 1.17, 1.2202, 0.9201)``. The AAPM CT-MAR release is
+  reconstructed with ``standard`` (``AAPMRecon.py``: ``kernelType = 'standard'``). Departures from
+  ``createHSP``: XCIST multiplies its ramp by 0.997 and offsets it by 0.003 frequency bins (so its images read
+  about 3 HU low in water); here every window is 1 at ``u = 0``, so all kernels keep the mean.
+
+A geometry names its default kernel (``Geometry.default_filter``, ``"standard"`` for the AAPM presets), used
+wherever the kernel is ``None``.
 The backprojection is pixel-driven (linear interpolation along channels); it is evaluated either by
 ``grid_sample`` (matrix-free) or from a cached sparse matrix, and has its own adjoint, so the reconstruction is
 differentiable without storing per-view sampling grids.
@@ -24,13 +37,60 @@ import math
 import numpy as np
 import torch
 
-from .geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
+from .geometry import FILTER_NAMES, FanBeamGeometry, Geometry, ParallelBeamGeometry
 from .interpolation import bilinear_sample, bilinear_sample_adjoint, view_chunks
 
-__all__ = ["FILTERS", "ramp_kernel", "filter_sinogram", "backprojection_samples", "backprojection_entries",
-           "SampledBackprojection", "SparseBackprojection", "check_full_rotation"]
+__all__ = ["FILTERS", "XCIST_WINDOW_POINTS", "filter_window", "resolve_filter", "ramp_kernel", "filter_sinogram",
+           "backprojection_samples", "backprojection_entries", "SampledBackprojection", "SparseBackprojection",
+           "check_full_rotation"]
 
-FILTERS = ("ram-lak", "shepp-logan", "hann")
+FILTERS = FILTER_NAMES
+
+# createHSP.py: the window's values at u = f / f_Nyquist = 0, 0.25, 0.5, 0.75, 1
+XCIST_WINDOW_NODES = (0.0, 0.25, 0.5, 0.75, 1.0)
+XCIST_WINDOW_POINTS = {
+    "soft": (1.0, 0.815, 0.4564, 0.1636, 0.0),
+    "standard": (1.0, 0.9338, 0.7441, 0.4425, 0.0531),
+    "bone": (1.0, 1.0485, 1.17, 1.2202, 0.9201),
+}
+
+
+def resolve_filter(geometry: Geometry, filter_name: str | None) -> str:
+    """``filter_name``, or the geometry's ``default_filter`` when it is ``None``.
+
+    Raises:
+        ValueError: an unknown filter name (the message lists the known ones).
+    """
+    name = geometry.default_filter if filter_name is None else filter_name
+    if name not in FILTERS:
+        raise ValueError(f"unknown FBP filter {name!r}; expected one of {FILTERS}")
+    return name
+
+
+def filter_window(filter_name: str, frequency: np.ndarray) -> np.ndarray:
+    """Window of a named kernel at ``frequency`` (cycles per channel, ``0 .. 0.5``), float64, same shape.
+
+    The ramp times this window is the kernel's frequency response; every window is 1 at zero frequency.
+
+    Raises:
+        ValueError: an unknown filter name.
+
+    >>> filter_window("standard", np.array([0.0, 0.125, 0.25, 0.375, 0.5])).round(4).tolist()
+    [1.0, 0.9338, 0.7441, 0.4425, 0.0531]
+    """
+    f = np.asarray(frequency, dtype=np.float64)
+    if filter_name == "ram-lak":
+        return np.ones_like(f)
+    if filter_name == "shepp-logan":
+        return np.sinc(f)
+    if filter_name == "hann":
+        return 0.5 * (1 + np.cos(2 * math.pi * f))
+    if filter_name in XCIST_WINDOW_POINTS:
+        from scipy.interpolate import make_interp_spline
+
+        spline = make_interp_spline(XCIST_WINDOW_NODES, XCIST_WINDOW_POINTS[filter_name], k=2)
+        return spline(np.clip(f / 0.5, 0.0, 1.0))
+    raise ValueError(f"unknown FBP filter {filter_name!r}; expected one of {FILTERS}")
 
 
 def ramp_kernel(geometry: Geometry) -> tuple[np.ndarray, float]:
@@ -65,26 +125,24 @@ def _pre_weights(geometry: Geometry) -> np.ndarray:
     return d / np.sqrt(d * d + s * s)
 
 
-def filter_sinogram(sinogram: torch.Tensor, geometry: Geometry, filter_name: str = "ram-lak") -> torch.Tensor:
+def filter_sinogram(sinogram: torch.Tensor, geometry: Geometry, filter_name: str | None = None) -> torch.Tensor:
     """Weighted, ramp-filtered projections ``Q`` of ``(B, V, C)`` line integrals, same shape and dtype.
 
+    Args:
+        sinogram: ``(B, V, C)`` line integrals.
+        geometry: the scanner geometry.
+        filter_name: one of ``FILTERS``; ``None``: ``geometry.default_filter``.
     Raises:
         ValueError: unknown filter name.
     """
-    if filter_name not in FILTERS:
-        raise ValueError(f"unknown FBP filter {filter_name!r}; expected one of {FILTERS}")
+    filter_name = resolve_filter(geometry, filter_name)
     c = geometry.n_channels
     size = 1 << int(math.ceil(math.log2(2 * c)))
     kernel, spacing = ramp_kernel(geometry)
     padded = np.zeros(size)
     padded[: c] = kernel[c - 1:]
     padded[size - (c - 1):] = kernel[: c - 1]
-    spectrum = np.fft.rfft(padded).real * spacing
-    f = np.fft.rfftfreq(size)
-    if filter_name == "shepp-logan":
-        spectrum = spectrum * np.sinc(f)
-    elif filter_name == "hann":
-        spectrum = spectrum * 0.5 * (1 + np.cos(2 * math.pi * f))
+    spectrum = np.fft.rfft(padded).real * spacing * filter_window(filter_name, np.fft.rfftfreq(size))
     dev, dt = sinogram.device, sinogram.dtype
     weighted = sinogram * torch.as_tensor(_pre_weights(geometry), device=dev, dtype=dt)
     freq = torch.fft.rfft(weighted, n=size, dim=-1) * torch.as_tensor(spectrum, device=dev, dtype=dt)
@@ -100,15 +158,16 @@ def backprojection_samples(geometry: Geometry, views: slice) -> tuple[np.ndarray
     """
     g = geometry
     x, y = (a.reshape(-1) for a in g.pixel_centres_mm())
-    beta = g.view_angles()[views][:, None]
+    psi = g.display_angles()[views][:, None]
     dbeta = g.view_span_rad / g.n_views
     centre = (g.n_channels - 1) / 2 - g.channel_offset
     if isinstance(g, ParallelBeamGeometry):
-        s = -x[None, :] * np.cos(beta) + y[None, :] * np.sin(beta)
-        return s / g.channel_pitch_mm + centre, np.full((beta.shape[0], x.size), dbeta * math.pi / g.view_span_rad)
-    vx = x[None, :] - g.sid_mm * np.sin(beta)
-    vy = y[None, :] - g.sid_mm * np.cos(beta)
-    gamma = np.angle(np.exp(1j * (np.arctan2(-vx, -vy) - beta)))  # wrapped to (-pi, pi]
+        s = g.channel_direction * (x[None, :] * np.cos(psi) + y[None, :] * np.sin(psi))
+        return s / g.channel_pitch_mm + centre, np.full((psi.shape[0], x.size), dbeta * math.pi / g.view_span_rad)
+    vx = x[None, :] + g.sid_mm * np.sin(psi)  # source (-sin psi, cos psi) sid to pixel
+    vy = y[None, :] - g.sid_mm * np.cos(psi)
+    # the ray to the pixel leaves along (sin phi, -cos phi), phi = psi + channel_direction * gamma
+    gamma = g.channel_direction * np.angle(np.exp(1j * (np.arctan2(vx, -vy) - psi)))  # wrapped to (-pi, pi]
     dist2 = vx * vx + vy * vy
     if g.detector == "curved":
         return gamma / g.dalpha_rad + centre, dbeta / dist2

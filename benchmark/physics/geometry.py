@@ -2,21 +2,50 @@
 
 Coordinate conventions, shared by every projector backend and by the reconstruction:
 
-* Image: a square ``image_size x image_size`` pixel grid of side ``fov_mm`` centred on the isocentre.
-  Pixel ``(i, j)`` (row, column) has its centre at ``x = (j - (N-1)/2) * pixel_size_mm`` (right) and
-  ``y = ((N-1)/2 - i) * pixel_size_mm`` (up), i.e. row 0 is the top of the displayed image.
-* Fan beam: view ``v`` has gantry angle ``beta_v = view_start_rad + v * view_span_rad / n_views``. The source
-  sits at ``sid_mm * (sin beta, cos beta)``: at the top of the image for ``beta = 0`` and moving clockwise as
-  seen in the displayed image, as in the AAPM CT-MAR simulation (XCIST ``startAngle = 0`` "with the X-ray
-  source at the top", ``rotationDirection = 1``, clockwise seen from the table foot end).
-  Channel ``k`` has fan angle ``gamma_k`` from the central ray, positive in the direction the gantry turns
-  (ray direction angle ``phi = beta + gamma``, direction ``(-sin phi, -cos phi)``); for the curved
-  detector ``gamma_k = (k - (C-1)/2 + channel_offset) * dalpha`` with ``dalpha = 2 atan2(pitch/2, sdd)``
-  (XCIST ``Detector_ThirdgenCurved``, ``detectorColOffset``), for the flat detector the channel centre is
-  ``u_k = (k - (C-1)/2 + channel_offset) * pitch`` on a line at distance ``sdd_mm`` from the source.
-* Parallel beam: view angle ``theta_v``; rays travel along ``(-sin theta, -cos theta)`` (the fan geometry's
-  central ray) and channel ``k`` is offset by ``s_k = (k - (C-1)/2 + channel_offset) * pitch`` along
-  ``(-cos theta, sin theta)`` (the side a positive fan angle points to).
+* Image: a square ``image_size x image_size`` pixel grid of side ``fov_mm`` centred on the isocentre, stored
+  and displayed as the AAPM CT-MAR release stores it (row 0 at the top). Pixel ``(i, j)`` (row, column) has its
+  centre at ``x = (j - (N-1)/2) * pixel_size_mm`` (right) and ``y = ((N-1)/2 - i) * pixel_size_mm`` (up).
+* Gantry: view ``v`` has gantry angle ``beta_v = view_start_rad + v * view_span_rad / n_views``, measured from
+  the top in the direction of rotation. ``rotation_direction`` says which way that is in the displayed image:
+  the display angle is ``psi = rotation_direction * beta`` (counterclockwise, from the top) and the source sits
+  at ``sid_mm * (-sin psi, cos psi)``. ``+1``: the source turns counterclockwise in the displayed image (top,
+  then left); ``-1``: clockwise.
+* Channels: channel ``k`` has fan angle ``gamma_k = (k - (C-1)/2 + channel_offset) * dalpha`` (curved
+  detector, ``dalpha = 2 atan2(pitch/2, sdd)``) or ``atan2((k - (C-1)/2 + channel_offset) * pitch, sdd)``
+  (flat detector at ``sdd_mm`` from the source); its ray leaves the source along
+  ``(sin phi, -cos phi)`` with ``phi = psi + channel_direction * gamma_k``. So with the source at the top
+  (``psi = 0``) the channel index grows towards ``+x`` (the displayed image's right) for
+  ``channel_direction = +1`` and towards ``-x`` for ``-1``, whatever the rotation direction.
+* Parallel beam: the same with the source at infinity: view ``v`` has rays along ``(sin psi, -cos psi)``, and
+  channel ``k`` is offset by ``s_k = (k - (C-1)/2 + channel_offset) * pitch`` along
+  ``channel_direction * (cos psi, sin psi)``.
+
+The defaults (``rotation_direction = channel_direction = +1``, ``view_start_rad = 0``) are the conventions of
+the AAPM CT-MAR release, i.e. of gecatsim (xcist/main; xcist/example ``AAPM_datachallenge/proj_and_recon``):
+
+* ``AAPMRecon.py``: ``rotationDirection = 1`` ("clockwise seen from the table foot end" in gecatsim's words),
+  ``startAngle = 0`` ("0 is with the X-ray source at the top"), ``Detector_ThirdgenCurved`` with
+  ``detectorColOffset = -1.25``, ``reconType = 'fdk_equiAngle'``, ``kernelType = 'standard'``.
+* ``Detector_ThirdgenCurved``: module ``m`` at ``alpha_m = (m - (n-1)/2) dalpha + atan(colOffset * colSize /
+  sdd)``, at ``(sdd sin alpha, sid - sdd cos alpha)`` with the source at ``(0, sid)``: the channel index grows
+  towards ``+x``. ``Gantry_Helical.helical_transform``: both turn by ``+rotationDirection * 2 pi t / T``
+  (counterclockwise in gecatsim's ``(x, y)``). ``OneScan``: view ``v`` is centred at ``t = v T / V``.
+* ``fdk_equiAngle`` (C ``fbp`` in ``interface_fdk_angle.c``), which made the release's images: source of view
+  ``v`` at ``sid (cos t, sin t)``, ``t = (rotdir v + V/2) 2 pi / V`` (``mapConfigVariablesToFDK``: start view
+  ``V/2`` for ``startAngle = 0``) in recon coordinates ``(x_r, y_r)`` where the saved image's row index grows
+  with ``x_r`` and its column index with ``y_r``; channel ``atan(((p - s) x e) / dis) / dalpha + (C-1)/2 -
+  colOffset``. In display coordinates (``x = y_r``, ``y = -x_r``) this is the source at ``(-sin psi, cos psi)``
+  with ``psi = 2 pi v / V``: counterclockwise on the release's images, channel index growing to the right at
+  view 0. (The release's own sample, ``out.prep`` and ``out_512x512x1.raw``, confirms it: see
+  ``tests/physics/test_conventions.py``.) gecatsim's "clockwise seen from the foot end" is thus
+  counterclockwise on the images as stored; the two descriptions differ only in the side one looks from.
+
+The ``syndeeplesion`` preset follows ODL's ``FanBeamGeometry`` as InDuDoNet+ builds it (hongwang01/InDuDoNet_plus
+``deeplesion/build_gemotry.py``): ODL's image axis 0 is its ``x`` (the stored array's rows), the source starts at
+``-src_radius * (0, 1)`` and turns counterclockwise in ODL's ``(x, y)``, angles are the midpoints
+``(v + 1/2) 2 pi / 640`` of ``uniform_partition(0, 2 pi, 640)``, and the detector axis starts along ODL's
+``+x``. In display coordinates: counterclockwise, source on the left at ``psi = pi/2`` (plus half a view), the
+channel index growing in the direction the source moves, i.e. ``channel_direction = -1``.
 
 Sinograms are ``(V, C)``: views x detector channels, as the AAPM release stores them.
 """
@@ -34,6 +63,7 @@ import numpy as np
 from marbench.registry import Registry
 
 __all__ = [
+    "FILTER_NAMES",
     "PRESETS",
     "FanBeamGeometry",
     "Geometry",
@@ -42,10 +72,23 @@ __all__ = [
 ]
 
 
+# FBP kernels (implemented in ``fbp.filter_sinogram``); named here so that a geometry can name its default one.
+FILTER_NAMES = ("ram-lak", "shepp-logan", "hann", "soft", "standard", "bone")
+
+
 def _check_positive(owner: str, **values: float) -> None:
     for name, value in values.items():
         if not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{owner}: {name} must be a positive finite number, found {value!r}")
+
+
+def _check_conventions(owner: str, geometry: "_GeometryBase") -> None:
+    for name in ("rotation_direction", "channel_direction"):
+        value = getattr(geometry, name)
+        if value not in (1, -1) or isinstance(value, bool):
+            raise ValueError(f"{owner}: {name} must be 1 or -1, found {value!r}")
+    if geometry.default_filter not in FILTER_NAMES:
+        raise ValueError(f"{owner}: default_filter must be one of {FILTER_NAMES}, found {geometry.default_filter!r}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +100,9 @@ class _GeometryBase:
     channel_offset: float = 0.0
     view_start_rad: float = 0.0
     mu_water_per_mm: float = 0.02
+    rotation_direction: int = 1
+    channel_direction: int = 1
+    default_filter: str = "ram-lak"
 
     @property
     def pixel_size_mm(self) -> float:
@@ -73,8 +119,13 @@ class _GeometryBase:
         return (self.n_views, self.n_channels)
 
     def view_angles(self) -> np.ndarray:
-        """Gantry angles ``beta_v`` in radians, shape ``(V,)``, float64."""
+        """Gantry angles ``beta_v`` in radians (from the top, in the direction of rotation), ``(V,)`` float64."""
         return self.view_start_rad + np.arange(self.n_views) * (self.view_span_rad / self.n_views)
+
+    def display_angles(self) -> np.ndarray:
+        """Gantry angles ``psi_v = rotation_direction * beta_v`` in radians, counterclockwise from the top in the
+        displayed image (x right, y up), ``(V,)`` float64."""
+        return self.rotation_direction * self.view_angles()
 
     def channel_indices_centred(self) -> np.ndarray:
         """``k - (C-1)/2 + channel_offset`` for every channel, shape ``(C,)``, float64."""
@@ -88,9 +139,27 @@ class _GeometryBase:
         y = (c - idx) * self.pixel_size_mm
         return np.broadcast_to(x[None, :], self.image_shape), np.broadcast_to(y[:, None], self.image_shape)
 
+    def quarter_turn_rot90(self) -> int:
+        """``k`` such that view ``v + V/4`` is view ``v`` of the image turned by ``torch.rot90(image, k, dims=(-2,
+        -1))`` (``k = 1``: a quarter turn counterclockwise as displayed): ``-rotation_direction`` when the views
+        cover a full turn in a multiple of four, else 0 (no quarter-turn symmetry).
+
+        >>> preset("aapm_body").quarter_turn_rot90()
+        -1
+        """
+        if abs(self.view_span_rad - 2 * math.pi) < 1e-12 and self.n_views % 4 == 0:
+            return -self.rotation_direction
+        return 0
+
     def has_quarter_turn_symmetry(self) -> bool:
-        """True when view ``v + V/4`` is view ``v`` rotated by 90 degrees (lets the system matrix store V/4 views)."""
-        return abs(self.view_span_rad - 2 * math.pi) < 1e-12 and self.n_views % 4 == 0
+        """True when view ``v + V/4`` is view ``v`` on the image turned by ``torch.rot90(image,
+        quarter_turn_rot90())`` (either rotation sense: ``quarter_turn_rot90() != 0``): the sparse backend's
+        ``QuarterTurnOperator`` then stores only V/4 views.
+
+        >>> preset("aapm_body").has_quarter_turn_symmetry()
+        True
+        """
+        return self.quarter_turn_rot90() != 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -116,11 +185,19 @@ class FanBeamGeometry(_GeometryBase):
         n_views, n_channels: sinogram size ``(V, C)``.
         image_size: reconstruction grid ``N`` (square, ``N x N`` pixels) over ``fov_mm``.
         channel_offset: detector shift in channels (AAPM: -1.25, a quarter-offset detector).
-        view_start_rad: angle of view 0; views cover ``view_span_rad`` (full rotation for FBP).
+        view_start_rad: gantry angle of view 0 (0: source at the top); views cover ``view_span_rad`` (full
+            rotation for FBP).
         mu_water_per_mm: attenuation of water used to convert HU to mm^-1 for this scanner's data.
+        rotation_direction: ``+1`` the source turns counterclockwise in the displayed image (gecatsim
+            ``rotationDirection = 1``, the AAPM release), ``-1`` clockwise.
+        channel_direction: ``+1`` the channel index grows towards ``+x`` when the source is at the top
+            (gecatsim), ``-1`` towards ``-x``.
+        default_filter: FBP kernel ``Projector.fbp`` uses when given none (one of ``FILTER_NAMES``; AAPM:
+            ``"standard"``, the release's ``kernelType``).
 
     Raises:
-        ValueError: a non-positive distance or size, a source inside the field of view, an unknown detector.
+        ValueError: a non-positive distance or size, a source inside the field of view, an unknown detector,
+            a direction other than +-1, an unknown default filter.
     """
 
     sid_mm: float = 550.0
@@ -135,6 +212,7 @@ class FanBeamGeometry(_GeometryBase):
             fov_mm=self.fov_mm, n_views=self.n_views, n_channels=self.n_channels, image_size=self.image_size,
             view_span_rad=self.view_span_rad, mu_water_per_mm=self.mu_water_per_mm,
         )
+        _check_conventions("FanBeamGeometry", self)
         if self.detector not in ("curved", "flat"):
             raise ValueError(f"FanBeamGeometry: detector must be 'curved' or 'flat', found {self.detector!r}")
         if self.sdd_mm <= self.sid_mm:
@@ -157,22 +235,32 @@ class FanBeamGeometry(_GeometryBase):
             return k * self.dalpha_rad
         return np.arctan2(k * self.channel_pitch_mm, self.sdd_mm)
 
+    def source_positions(self) -> np.ndarray:
+        """Source position of each view, ``sid_mm * (-sin psi, cos psi)``, ``(V, 2)`` float64 in mm."""
+        psi = self.display_angles()
+        return self.sid_mm * np.stack([-np.sin(psi), np.cos(psi)], axis=-1)
+
     def rays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Source positions ``(V, 1, 2)`` and unit ray directions ``(V, C, 2)`` in mm, float64."""
-        beta = self.view_angles()[:, None]
-        src = self.sid_mm * np.stack([np.sin(beta), np.cos(beta)], axis=-1)
-        gamma = self.fan_angles()[None, :]
-        phi = beta + gamma
-        direction = np.stack([-np.sin(phi), -np.cos(phi)], axis=-1)
+        """Source positions ``(V, 1, 2)`` and unit ray directions ``(V, C, 2)`` in mm, float64.
+
+        >>> src, direction = preset("aapm_body").rays()
+        >>> src[0, 0].round(6).tolist(), bool(direction[0, -1, 0] > 0)  # source at the top; last channel: right
+        ([-0.0, 550.0], True)
+        """
+        src = self.source_positions()[:, None, :]
+        phi = self.display_angles()[:, None] + self.channel_direction * self.fan_angles()[None, :]
+        direction = np.stack([np.sin(phi), -np.cos(phi)], axis=-1)
         return src, direction
 
 
 @dataclass(frozen=True)
 class ParallelBeamGeometry(_GeometryBase):
-    """2D parallel-beam geometry; ``channel_pitch_mm`` is the ray spacing in mm, views cover ``view_span_rad``.
+    """2D parallel-beam geometry; ``channel_pitch_mm`` is the ray spacing in mm, views cover ``view_span_rad``;
+    the other fields as ``FanBeamGeometry`` (rays along the fan's central ray, channels on the side a positive fan
+    angle points to).
 
     Raises:
-        ValueError: a non-positive size or pitch.
+        ValueError: a non-positive size or pitch, a direction other than +-1, an unknown default filter.
     """
 
     channel_pitch_mm: float = 1.0
@@ -184,12 +272,13 @@ class ParallelBeamGeometry(_GeometryBase):
             n_views=self.n_views, n_channels=self.n_channels, image_size=self.image_size,
             view_span_rad=self.view_span_rad, mu_water_per_mm=self.mu_water_per_mm,
         )
+        _check_conventions("ParallelBeamGeometry", self)
 
     def rays(self) -> tuple[np.ndarray, np.ndarray]:
         """Ray start points ``(V, C, 2)`` (outside the image) and unit directions ``(V, 1, 2)``, mm, float64."""
-        theta = self.view_angles()[:, None]
-        direction = np.stack([-np.sin(theta), -np.cos(theta)], axis=-1)
-        lateral = np.stack([-np.cos(theta), np.sin(theta)], axis=-1)
+        psi = self.display_angles()[:, None]
+        direction = np.stack([np.sin(psi), -np.cos(psi)], axis=-1)
+        lateral = self.channel_direction * np.stack([np.cos(psi), np.sin(psi)], axis=-1)
         s = (self.channel_indices_centred() * self.channel_pitch_mm)[None, :, None]
         start = s * lateral - self.fov_mm * direction
         return start, direction
@@ -197,11 +286,18 @@ class ParallelBeamGeometry(_GeometryBase):
 
 Geometry = Union[FanBeamGeometry, ParallelBeamGeometry]
 
-_AAPM = dict(sid_mm=550.0, sdd_mm=950.0, channel_offset=-1.25, detector="curved", mu_water_per_mm=0.02)
+# AAPM CT-MAR: gecatsim's conventions (see the module docstring) and its recon kernel.
+_AAPM = dict(sid_mm=550.0, sdd_mm=950.0, channel_offset=-1.25, detector="curved", mu_water_per_mm=0.02,
+             rotation_direction=1, channel_direction=1, view_start_rad=0.0, default_filter="standard")
 # SynDeepLesion (hongwang01/InDuDoNet_plus deeplesion/build_gemotry.py): ODL units taken as cm, here in mm.
 _SDL_RESO_MM = 512 / 416 * 0.03 * 10
 _SDL_RADIUS_MM = 1075 * _SDL_RESO_MM
 _SDL_DET_WIDTH_MM = 2 * math.sqrt(2) * 416 * _SDL_RESO_MM
+_SDL_VIEWS = 640
+# ODL: counterclockwise, source on the left (ODL -y, the stored array's column 0 side) at the first angle, which is
+# the midpoint (0 + 1/2) 2 pi / 640 of uniform_partition(0, 2 pi, 640); detector axis along ODL +x (down).
+_SDL_CONVENTIONS = dict(rotation_direction=1, channel_direction=-1,
+                        view_start_rad=math.pi / 2 + math.pi / _SDL_VIEWS)
 
 _PRESET_TABLE: dict[str, Geometry] = {
     # AAPM CT-MAR (xcist/example AAPM_datachallenge: AAPMRecon.py, AAPM_MAR_scanner.cfg)
@@ -220,10 +316,10 @@ _PRESET_TABLE: dict[str, Geometry] = {
     "aapm_head_128": FanBeamGeometry(n_views=248, n_channels=225, image_size=128, fov_mm=220.16,
                                      channel_pitch_mm=4.0, **{**_AAPM, "channel_offset": -0.3125}),
     # SynDeepLesion: ODL FanBeamGeometry, flat detector, 641 bins over 2*sqrt(2)*416*reso at 2x magnification
-    "syndeeplesion": FanBeamGeometry(n_views=640, n_channels=641, image_size=416, fov_mm=416 * _SDL_RESO_MM,
-                                     sid_mm=_SDL_RADIUS_MM, sdd_mm=2 * _SDL_RADIUS_MM,
+    "syndeeplesion": FanBeamGeometry(n_views=_SDL_VIEWS, n_channels=641, image_size=416,
+                                     fov_mm=416 * _SDL_RESO_MM, sid_mm=_SDL_RADIUS_MM, sdd_mm=2 * _SDL_RADIUS_MM,
                                      channel_pitch_mm=_SDL_DET_WIDTH_MM / 641, detector="flat",
-                                     mu_water_per_mm=0.0192),
+                                     mu_water_per_mm=0.0192, **_SDL_CONVENTIONS),
 }
 
 

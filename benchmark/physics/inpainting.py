@@ -64,8 +64,9 @@ def linear_interpolation(sinogram: torch.Tensor, trace: torch.Tensor) -> torch.T
 
 
 def li_correction(projector: Projector, sinogram: torch.Tensor, trace: torch.Tensor,
-                  filter_name: str = "ram-lak") -> tuple[torch.Tensor, torch.Tensor]:
-    """LI-corrected sinogram ``(B, 1, V, C)`` and its FBP ``(B, 1, N, N)`` in mm^-1."""
+                  filter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LI-corrected sinogram ``(B, 1, V, C)`` and its FBP ``(B, 1, N, N)`` in mm^-1 (``filter_name``: the FBP
+    kernel, ``None`` for the geometry's ``default_filter``)."""
     li = linear_interpolation(sinogram, trace)
     return li, projector.fbp(li, filter_name)
 
@@ -94,13 +95,15 @@ def nmar_prior(li_image_mu: torch.Tensor, mu_water_per_mm: float, air_threshold_
     return torch.where(hu > bone_threshold_hu, smooth, prior)
 
 
-def nmar_correction(projector: Projector, sinogram: torch.Tensor, trace: torch.Tensor, filter_name: str = "ram-lak",
-                    offset: float = 0.1, **prior_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def nmar_correction(projector: Projector, sinogram: torch.Tensor, trace: torch.Tensor,
+                    filter_name: str | None = None, offset: float = 0.1,
+                    **prior_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """NMAR-corrected sinogram ``(B, 1, V, C)`` and its FBP ``(B, 1, N, N)`` in mm^-1 (Meyer et al. 2010).
 
     The normalisation is ``(p + offset) / (p_prior + offset)`` (``offset`` in line-integral units, 0.1 = 5 mm of
     water): rays that graze the body have a near-zero prior, and dividing their noise by it, then multiplying
     back inside the trace, would paint streaks across small bodies (measured on the knee and neck phantoms).
+    ``filter_name`` is the FBP kernel of both reconstructions, ``None`` for the geometry's ``default_filter``.
     """
     _, li_image = li_correction(projector, sinogram, trace, filter_name)
     prior = nmar_prior(li_image, projector.geometry.mu_water_per_mm, **prior_kwargs)

@@ -119,12 +119,13 @@ class Projector:
         out = _LinearOp.apply(sinogram[:, 0].contiguous(), self.backend.bp, self.backend.fp)
         return out.unsqueeze(1)
 
-    def fbp(self, sinogram: torch.Tensor, filter_name: str = "ram-lak") -> torch.Tensor:
+    def fbp(self, sinogram: torch.Tensor, filter_name: str | None = None) -> torch.Tensor:
         """Filtered backprojection (Kak & Slaney Sec. 3.3-3.4) in physical units.
 
         Args:
             sinogram: ``(B, 1, V, C)`` line integrals.
-            filter_name: ``"ram-lak"``, ``"shepp-logan"`` or ``"hann"``.
+            filter_name: one of ``fbp.FILTERS`` (``"ram-lak"``, ``"shepp-logan"``, ``"hann"``, ``"soft"``,
+                ``"standard"``, ``"bone"``); ``None``: the geometry's ``default_filter``.
         Returns:
             ``(B, 1, N, N)`` attenuation in mm^-1.
         Raises:

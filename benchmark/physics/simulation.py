@@ -16,7 +16,8 @@ The chain, applied alike to the metal-free target (no metal) and the metal-affec
 5. ``-log(I / I_air)``, then the water beam-hardening correction: a polynomial of order 5 fitted on water path
    lengths 0-300 mm that maps the polychromatic water line integral to ``mu_water * L`` (AAPM release:
    ``BHC_poly_order = 5``, ``BHC_max_length_mm = 300``, ``EffectiveMu = 0.2`` /cm).
-6. FBP and conversion back to HU.
+6. FBP (with ``SimulationConfig.filter_name``, by default the geometry's ``default_filter``: XCIST's ``standard``
+   kernel for the AAPM presets, as the release) and conversion back to HU.
 
 Departures from the AAPM/XCIST simulation: no bowtie, scatter, detector crosstalk, focal-spot or view
 blurring; the detector's Swank factor is ignored (Poisson statistics on photon counts).
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .fbp import resolve_filter
 from .projector import Projector
 from .spectrum import MATERIALS, Spectrum, effective_energy_kev, tube_spectrum
 from .units import hu_to_mu, mu_to_hu
@@ -53,7 +55,7 @@ class SimulationConfig:
     bhc_order: int = 5
     bhc_max_length_mm: float = 300.0
     noise: bool = True
-    filter_name: str = "ram-lak"
+    filter_name: str | None = None  # FBP kernel; None: the geometry's default_filter (AAPM presets: "standard")
 
     def spectrum(self) -> Spectrum:
         return tube_spectrum(self.kvp, self.target_angle_deg, self.aluminium_mm, self.bin_kev)
@@ -182,11 +184,12 @@ def simulate_scan(projector: Projector, hu_image: torch.Tensor, metal_masks: Map
     gt_sino, ma_sino = apply_polynomial(coeffs, gt_line), apply_polynomial(coeffs, ma_line)
     # metal trace = fp(metal mask) > 0, read off the metal density projections already made
     trace = (under[2:].sum(0) > 0).unsqueeze(1) if metal_names else torch.zeros_like(gt_sino, dtype=torch.bool)
+    kernel = resolve_filter(g, config.filter_name)
     return SimulatedScan(
         gt_sinogram=gt_sino,
         ma_sinogram=ma_sino,
-        gt_image=mu_to_hu(projector.fbp(gt_sino, config.filter_name), g.mu_water_per_mm),
-        ma_image=mu_to_hu(projector.fbp(ma_sino, config.filter_name), g.mu_water_per_mm),
+        gt_image=mu_to_hu(projector.fbp(gt_sino, kernel), g.mu_water_per_mm),
+        ma_image=mu_to_hu(projector.fbp(ma_sino, kernel), g.mu_water_per_mm),
         metal_mask=metal,
         metal_trace=trace,
         starved_rays=starved,

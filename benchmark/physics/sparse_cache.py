@@ -6,7 +6,8 @@ copy-on-write on reuse: a later process pages in only what it touches and pays n
 
 With quarter-turn symmetry (``Geometry.has_quarter_turn_symmetry``) the operators store only the first quarter
 of the views; ``QuarterTurnOperator`` applies view ``v + q V/4`` as view ``v`` on the image turned ``q``
-quarter turns, which also batches the four quarters into one sparse-dense product.
+quarter turns (``torch.rot90(image, k q)`` with ``k = Geometry.quarter_turn_rot90()``: against the direction the
+gantry turns, so either rotation sense), which also batches the four quarters into one sparse-dense product.
 """
 from __future__ import annotations
 
@@ -115,17 +116,32 @@ class CachedCSRPair:
 
 class QuarterTurnOperator:
     """An image-to-sinogram operator ``(B, N, N) -> (B, V, C)`` (``forward``) and its transpose (``transpose``)
-    from the matrix ``M`` of its first ``stored_views`` views (all views when ``turns == 1``)."""
+    from the matrix ``M`` of its first ``stored_views`` views (all views when ``turns == 1``).
+
+    View ``v + q V/4`` is view ``v`` of ``torch.rot90(image, k * q, dims=(-2, -1))``, ``k = +-1`` (the
+    geometry's ``quarter_turn_rot90()``; ``+1`` turns counterclockwise as displayed, for a gantry turning
+    clockwise). The transpose turns each quarter's back-projection back by ``rot90(., -k * q)``, the adjoint
+    (and inverse) of ``rot90(., k * q)``.
+
+    Raises:
+        ValueError: ``turns`` not 1 or 4, ``k`` not +-1 with 4 turns, or ``n_views`` not a multiple of ``turns``.
+    """
 
     def __init__(self, matrix: CachedCSRPair, image_size: int, n_views: int, n_channels: int, turns: int,
-                 forward_width: int = 2**30, transpose_width: int = 2**30):
+                 forward_width: int = 2**30, transpose_width: int = 2**30, k: int = 1):
+        if turns not in (1, 4) or n_views % turns:
+            raise ValueError(f"QuarterTurnOperator: turns must be 1 or 4 and divide n_views ({n_views}), "
+                             f"found {turns}")
+        if turns == 4 and k not in (1, -1):
+            raise ValueError(f"QuarterTurnOperator: k must be 1 or -1 with four turns, found {k!r}")
         self.matrix, self.n, self.v, self.c, self.turns = matrix, image_size, n_views, n_channels, turns
+        self.k = k if turns == 4 else 0
         self.stored_views = n_views // turns
         self.forward_width, self.transpose_width = forward_width, transpose_width
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         b = image.shape[0]
-        stack = torch.cat([torch.rot90(image, q, dims=(-2, -1)) for q in range(self.turns)], dim=0)
+        stack = torch.cat([torch.rot90(image, self.k * q, dims=(-2, -1)) for q in range(self.turns)], dim=0)
         rays = self.matrix.matmul(stack.reshape(self.turns * b, -1).T.contiguous(), self.forward_width)
         rays = rays.reshape(self.stored_views, self.c, self.turns, b)
         return rays.permute(3, 2, 0, 1).reshape(b, self.v, self.c)
@@ -139,7 +155,7 @@ class QuarterTurnOperator:
         n_rays = self.stored_views * self.c
         out = np.zeros((b, self.turns, n_rays), dtype=np.float64)
         for q in range(self.turns):
-            turned = torch.rot90(image, q, dims=(-2, -1)).reshape(b, -1).cpu().numpy()
+            turned = torch.rot90(image, self.k * q, dims=(-2, -1)).reshape(b, -1).cpu().numpy()
             for i in range(b):
                 pixels = np.flatnonzero(turned[i])
                 if pixels.size == 0:
@@ -157,4 +173,4 @@ class QuarterTurnOperator:
         parts = sinogram.reshape(b, self.turns, self.stored_views * self.c)
         cols = parts.permute(2, 1, 0).reshape(self.stored_views * self.c, self.turns * b).contiguous()
         pix = self.matrix.matmul_t(cols, self.transpose_width).T.reshape(self.turns, b, self.n, self.n)
-        return sum(torch.rot90(pix[q], -q, dims=(-2, -1)) for q in range(self.turns))
+        return sum(torch.rot90(pix[q], -self.k * q, dims=(-2, -1)) for q in range(self.turns))

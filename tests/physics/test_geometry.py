@@ -17,6 +17,7 @@ def test_aapm_presets_match_the_release_geometry():
         k = np.arange(900)
         np.testing.assert_allclose(g.fan_angles(), (k - (900 - 1) / 2 - 1.25) * dalpha, rtol=0, atol=1e-15)
         np.testing.assert_allclose(g.view_angles()[:2], [0.0, 2 * math.pi / 1000])
+        assert (g.rotation_direction, g.channel_direction, g.default_filter) == (1, 1, "standard")
     assert body.fov_mm == 400.0 and head.fov_mm == 220.16
     assert body.mu_water_per_mm == 0.02
 
@@ -29,13 +30,16 @@ def test_syndeeplesion_preset_matches_indudonet_plus():
     assert g.sid_mm == pytest.approx(1075 * reso_mm) and g.sdd_mm == pytest.approx(2 * 1075 * reso_mm)
     assert g.channel_pitch_mm * 641 == pytest.approx(2 * math.sqrt(2) * 416 * reso_mm)
     assert g.mu_water_per_mm == pytest.approx(0.0192)
+    # ODL: counterclockwise from the midpoint of the first of 640 angle cells, source on the left (ODL -y)
+    assert (g.rotation_direction, g.channel_direction) == (1, -1)
+    assert g.view_start_rad == pytest.approx(math.pi / 2 + math.pi / 640)
 
 
 def test_reduced_presets_keep_the_physical_fan():
     full, small = preset("aapm_body"), preset("aapm_body_256")
     assert small.fan_angles()[0] == pytest.approx(full.fan_angles()[0], abs=full.dalpha_rad)
     assert small.channel_offset * small.dalpha_rad == pytest.approx(-1.25 * full.dalpha_rad, rel=1e-3)
-    assert all(p.has_quarter_turn_symmetry() for _, p in PRESETS.items())
+    assert all(p.quarter_turn_rot90() == -1 for _, p in PRESETS.items())  # all turn counterclockwise
 
 
 def test_hash_is_stable_and_field_sensitive():
@@ -45,16 +49,22 @@ def test_hash_is_stable_and_field_sensitive():
     assert len({p.hash for _, p in PRESETS.items()}) == len(PRESETS)
 
 
-def test_rays_start_at_the_top_and_turn_clockwise():
+def test_rays_start_at_the_top_and_turn_counterclockwise():
     g = preset("aapm_body")
     src, direction = g.rays()
     np.testing.assert_allclose(src[0, 0], [0.0, 550.0], atol=1e-9)
-    assert src[1, 0, 0] > 0  # clockwise: from the top towards +x
+    assert src[1, 0, 0] < 0  # counterclockwise in the displayed image: from the top towards -x
     np.testing.assert_allclose(np.linalg.norm(direction, axis=-1), 1.0)
+    mirror = FanBeamGeometry(**{**{k: v for k, v in g.to_dict().items() if k != "kind"},
+                                "rotation_direction": -1, "channel_direction": -1})
+    m_src, m_dir = mirror.rays()
+    np.testing.assert_allclose(m_src * [-1, 1], src, atol=1e-9)  # the mirror image in x
+    np.testing.assert_allclose(m_dir * [-1, 1], direction, atol=1e-12)
 
 
 @pytest.mark.parametrize("bad", [dict(sid_mm=-1.0), dict(sdd_mm=500.0), dict(detector="spherical"),
-                                 dict(n_views=0), dict(fov_mm=float("nan")), dict(fov_mm=900.0)])
+                                 dict(n_views=0), dict(fov_mm=float("nan")), dict(fov_mm=900.0),
+                                 dict(rotation_direction=2), dict(channel_direction=0), dict(default_filter="x")])
 def test_bad_geometry_is_refused(bad):
     args = dict(n_views=8, n_channels=8, image_size=8, fov_mm=100.0) | bad
     with pytest.raises(ValueError):
