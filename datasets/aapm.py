@@ -163,7 +163,8 @@ class AAPMCTMARDataModule(L.LightningDataModule):
             [``<category>``]); its cases of other anatomies are left out. ``None`` serves every case found as
             ``test``.
         keys: batch keys to load.
-        batch_size, num_workers: DataLoader settings.
+        batch_size, num_workers: DataLoader settings; the training order is shuffled with the run's seed
+            (``seed_everything``), so that the same seed gives the same order.
 
     Raises:
         ValueError: unknown anatomy or key; a split naming a case that is not on disk.
@@ -221,8 +222,12 @@ class AAPMCTMARDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.datasets:
             raise ValueError(f"split {name!r} is not defined by {self.split_path}; defined: {sorted(self.datasets)}")
+        # the training order follows the run's seed (``seed_everything`` / ``--seed_everything`` sets
+        # PL_GLOBAL_SEED), 0 without one; a generator of its own keeps the order independent of how many random
+        # numbers the model drew, and Lightning seeds the workers from it (``seed_everything(workers=True)``)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(0))
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -12,15 +12,31 @@ Output under ``out``::
 
 Every case is written file by file to a temporary name and renamed; its ``metalinfo`` JSON comes last and marks
 the case complete, so an interrupted run resumes at the first incomplete batch and the same seed gives the
-same bytes.
+same bytes (whatever the thread count: each slice's noise has its own generator).
+
+Provenance: a folder says which code and settings made it. Its ``fingerprint`` is the sha256 of a
+canonical JSON (sorted keys, no spaces) of the parts that change its bytes: ``generator_version``, the ``preset``
+dataclass (with its ``SimulationConfig``), the ``geometries`` (``to_dict`` of each anatomy's scanner, so a change of
+orientation or FBP kernel in ``marbench.physics`` changes it), the ``seed``, ``code`` (sha256 over the source of
+``marbench.physics``, ``marbench.datasets.synthetic``, ``marbench.datasets.aapm_format`` and ``marbench.files``,
+file by file in sorted order) and ``libraries`` (the versions of torch, numpy, scipy, xraydb, spekpy, whose
+random streams and numerics reach the bytes); a benchmark simulated on clean CT images adds ``inputs``
+(``marbench.datasets.synthetic.clean_ct``). The fingerprint and each part's digest are written to
+``.generation.json`` before the first case and to ``manifest.json`` at the end. ``generate`` resumes only into a
+folder of the same fingerprint; any other is refused with the parts that differ, unless ``force=True``
+(``marbench simulate --force``) deletes its generated content and rebuilds it, so stale data never feeds a record.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,9 +52,10 @@ from .anatomy import ANATOMY_OF, CATEGORIES, render, sample_case
 from .implants import MetalObject, fractal_objects, host_centres, sample_implants
 from .tissues import label_names
 
-__all__ = ["GENERATOR_VERSION", "SyntheticPreset", "PRESETS", "generate", "plan_jobs", "split_text"]
+__all__ = ["GENERATOR_VERSION", "SyntheticPreset", "PRESETS", "generate", "plan_jobs", "split_text",
+           "code_digest", "fingerprint_parts", "fingerprint_of", "expected_fingerprint", "folder_fingerprint"]
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"  # 1.2: fingerprint in the stamp and manifest; gecatsim orientation, `standard` FBP
 
 
 @dataclass(frozen=True)
@@ -136,17 +153,20 @@ def _phantom_and_metal(job: Job, p: SyntheticPreset, seed: int, geometry) -> tup
     rng = _rng(seed, 1, job.base)
     spec = sample_case(job.category, rng)
     hu, labels = render(spec, geometry)
-    # every level of a sweep reuses the base slice's shapes, centres and orientations
+    return hu, labels, sweep_objects(job, p, geometry, labels, rng)
+
+
+def sweep_objects(job: Job, p: SyntheticPreset, geometry, labels: np.ndarray,
+                  rng: np.random.Generator) -> list[MetalObject]:
+    """The metal of one sweep level (``job.kind`` ``quantity`` or ``size``) on a base slice's tissue ``labels``;
+    ``rng`` is the base slice's, so every level reuses the same shapes, centres and orientations."""
     count = p.sweep_max_objects if job.kind == "quantity" else 1
     shapes = [fractal_shape(rng) for _ in range(count)]
     centres = host_centres(geometry, labels, rng, count)
     if job.kind == "quantity":
-        objects = fractal_objects(geometry, labels, rng, job.level, p.sweep_diameter_mm, p.sweep_material,
-                                  shapes[: job.level], centres[: job.level])
-    else:
-        objects = fractal_objects(geometry, labels, rng, 1, p.sweep_sizes_mm[job.level], p.sweep_material,
-                                  shapes, centres)
-    return hu, labels, objects
+        return fractal_objects(geometry, labels, rng, job.level, p.sweep_diameter_mm, p.sweep_material,
+                               shapes[: job.level], centres[: job.level])
+    return fractal_objects(geometry, labels, rng, 1, p.sweep_sizes_mm[job.level], p.sweep_material, shapes, centres)
 
 
 def _noise_seed(seed: int, job: Job) -> int:
@@ -162,7 +182,7 @@ def _metal_hu(material: str, mu_water: float) -> float:
 
 
 def _write_case(root: Path, job: Job, geometry, scan, i: int, labels: np.ndarray, objects: list[MetalObject],
-                seed: int, noise_seed: int, starved: int) -> None:
+                seed: int, noise_seed: int, starved: int, extra: dict | None = None) -> None:
     files = case_files(root, job.case, geometry)
     write_raw(files["gt_image"], scan.gt_image[i, 0].numpy())
     write_raw(files["gt_sinogram"], scan.gt_sinogram[i, 0].numpy())
@@ -176,7 +196,7 @@ def _write_case(root: Path, job: Job, geometry, scan, i: int, labels: np.ndarray
     info = {"category": job.category, "anatomy": job.case.anatomy, "kind": job.kind, "base": job.base,
             "level": job.level, "seed": seed, "noise_seed": noise_seed, "photon_starved_readings": starved,
             "metal_hu_image": "Mask/*metalonlymask*: HU of each object's material at the effective energy",
-            "objects": [o.info(geometry) for o in objects]}
+            "objects": [o.info(geometry) for o in objects], **(extra or {})}
     atomic_write_json(files["metal_info"], info)  # last: marks the case complete
 
 
@@ -209,8 +229,8 @@ def split_text(preset_name: str, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_indexes(out: Path, p: SyntheticPreset, jobs: list[Job], seed: int) -> None:
-    atomic_write(out / "split.txt", split_text(p.name, seed))
+def write_sweep_indexes(out: Path, p: SyntheticPreset, jobs: list[Job], stacks: bool = True) -> None:
+    """The sweep (and stack) tables and the per-root manifests that make ``sweeps/*`` (``stacks``) AAPM roots."""
     tables = {
         "sweeps/quantity/sweep.csv": (["case_id", "category", "base_slice", "n_objects", "diameter_mm"],
                                       [[j.case.case_id, j.category, j.base, j.level, p.sweep_diameter_mm]
@@ -218,57 +238,202 @@ def _write_indexes(out: Path, p: SyntheticPreset, jobs: list[Job], seed: int) ->
         "sweeps/size/sweep.csv": (["case_id", "category", "base_slice", "n_objects", "diameter_mm"],
                                   [[j.case.case_id, j.category, j.base, 1, p.sweep_sizes_mm[j.level]]
                                    for j in jobs if j.kind == "size"]),
-        "stacks/stacks.csv": (["case_id", "category", "stack", "position", "z_mm"],
-                              [[j.case.case_id, j.category, j.base, j.level,
-                                (j.level - (p.stack_depth - 1) / 2) * p.slice_spacing_mm]
-                               for j in jobs if j.kind == "stack"]),
     }
+    if stacks:
+        tables["stacks/stacks.csv"] = (["case_id", "category", "stack", "position", "z_mm"],
+                                       [[j.case.case_id, j.category, j.base, j.level,
+                                         (j.level - (p.stack_depth - 1) / 2) * p.slice_spacing_mm]
+                                        for j in jobs if j.kind == "stack"])
     for rel, (header, rows) in tables.items():
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([header, *rows])
         atomic_write(out / rel, buf.getvalue())
-    for root in ("sweeps/quantity", "sweeps/size", "stacks"):  # each is an AAPM-layout root of its own
-        back = "../" * (root.count("/") + 1)
+    for root in ("sweeps/quantity", "sweeps/size", "stacks") if stacks else ("sweeps/quantity", "sweeps/size"):
+        back = "../" * (root.count("/") + 1)  # each is an AAPM-layout root of its own
         atomic_write_json(out / root / "manifest.json",
                           {"geometry_presets": p.geometry_presets, "generated_by": back + "manifest.json"})
 
 
-def generate(out: str | Path, preset_name: str = "smoke", seed: int = 0, limit: int | None = None,
-             progress: bool = True, projector_backend: str = "sparse") -> dict | None:
-    """Generate (or resume) a synthetic benchmark.
+# ----------------------------------------------------------------------------------------------- provenance
 
-    Args:
-        out: output folder.
-        preset_name: a key of ``PRESETS`` (``tiny``, ``smoke``, ``aapm``).
-        seed: master seed; the same seed gives the same bytes.
-        limit: stop after simulating this many new cases (an incremental run); ``None`` finishes the preset.
-        progress: show a progress bar.
+_STAMP = ".generation.json"
+_CODE_PACKAGES = ("marbench.physics", "marbench.datasets.synthetic")  # every .py file of these
+_CODE_MODULES = ("marbench.datasets.aapm_format", "marbench.files")  # and these modules
+_LIBRARIES = ("torch", "numpy", "scipy", "xraydb", "spekpy")
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=repr)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def code_digest() -> dict[str, str]:
+    """sha256 of each source file of the code that produces a benchmark's bytes, keyed by its module path
+    (``marbench/physics/geometry.py``, ...), sorted: the ``.py`` files of ``marbench.physics`` and
+    ``marbench.datasets.synthetic``, ``marbench/datasets/aapm_format.py`` and ``marbench/files.py``, read from the
+    installed package paths."""
+    import importlib
+
+    files: dict[str, str] = {}
+    for name in _CODE_PACKAGES:
+        folder = Path(importlib.import_module(name).__file__).parent
+        for f in sorted(folder.rglob("*.py")):
+            if "__pycache__" not in f.parts:
+                rel = f.relative_to(folder).as_posix()
+                files[name.replace(".", "/") + "/" + rel] = sha256_file(f)
+    for name in _CODE_MODULES:
+        files[name.replace(".", "/") + ".py"] = sha256_file(importlib.import_module(name).__file__)
+    return dict(sorted(files.items()))
+
+
+def _library_versions(names=_LIBRARIES) -> dict[str, str]:
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = "absent"
+    return out
+
+
+def fingerprint_parts(preset_name: str, seed: int) -> dict:
+    """The parts of a benchmark's fingerprint that do not depend on input images (see the module docstring).
+
     Returns:
-        The manifest (also written to ``out/manifest.json``) when the benchmark is complete, else ``None``.
+        ``{"generator_version", "preset", "geometries", "seed", "code", "libraries"}``, JSON-serialisable.
     Raises:
-        ValueError: unknown preset; ``out`` holds a benchmark of another preset, seed or generator version.
+        ValueError: unknown preset.
     """
     if preset_name not in PRESETS:
         raise ValueError(f"unknown synthetic preset {preset_name!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset_name]
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "preset": asdict(p),
+        "geometries": {a: preset(n).to_dict() for a, n in sorted(p.geometry_presets.items())},
+        "seed": seed,
+        "code": code_digest(),
+        "libraries": _library_versions(),
+    }
+
+
+def fingerprint_of(parts: dict) -> dict:
+    """``{"sha256": digest of the canonical JSON of all parts, "parts": {name: digest of that part}}``."""
+    return {"sha256": _sha256_text(_canonical(parts)),
+            "parts": {name: _sha256_text(_canonical(value)) for name, value in sorted(parts.items())}}
+
+
+def expected_fingerprint(preset_name: str, seed: int = 0) -> dict:
+    """The fingerprint a synthetic benchmark of ``preset_name`` and ``seed`` made by this code would carry
+    (computed without generating anything): compare it with ``folder_fingerprint(root)`` or with a record's
+    data manifest.
+
+    Returns:
+        ``{"sha256": str (64 hex), "parts": {part: sha256}}``.
+    Raises:
+        ValueError: unknown preset.
+    """
+    return fingerprint_of(fingerprint_parts(preset_name, seed))
+
+
+def folder_fingerprint(root: str | Path) -> dict | None:
+    """The fingerprint a benchmark folder says it was made with: its ``.generation.json`` (written before the
+    first case) or else its ``manifest.json``; ``None`` when neither holds one (no benchmark, or one made before
+    fingerprints existed).
+
+    Returns:
+        ``{"sha256": str, "parts": {part: sha256}}`` or ``None``.
+    Raises:
+        ValueError: a stamp or manifest that is not valid JSON (named).
+    """
+    root = Path(root)
+    for name in (_STAMP, "manifest.json"):
+        f = root / name
+        if f.is_file():
+            try:
+                found = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: expected JSON, found a parse error ({e})") from None
+            fp = found.get("fingerprint") if isinstance(found, dict) else None
+            if isinstance(fp, dict) and "sha256" in fp:
+                return {"sha256": fp["sha256"], "parts": dict(fp.get("parts", {}))}
+    return None
+
+
+def _generated_entries(out: Path) -> list[Path]:
+    """What a generator writes at the top of ``out`` (and so what ``force`` deletes): the stamp, manifest,
+    split file, part folders (``body*``, ``head*``), ``sweeps/`` and ``stacks/``."""
+    if not out.is_dir():
+        return []
+    fixed = {_STAMP, "manifest.json", "split.txt", "sweeps", "stacks"}
+    return sorted(e for e in out.iterdir() if e.name in fixed
+                  or (e.is_dir() and e.name.rstrip("0123456789") in ("body", "head") and e.name[-1:].isdigit()))
+
+
+def prepare_folder(out: Path, fingerprint: dict, identity: dict, force: bool = False) -> None:
+    """Stamp ``out`` with ``fingerprint`` (and the readable ``identity``), or check that it already carries it.
+
+    Raises:
+        ValueError: ``out`` holds generated content of another fingerprint (or of none) and ``force`` is False;
+            the message names the folder, the found and expected fingerprints and the parts that differ.
+    """
     out = Path(out)
-    identity = {"generator_version": GENERATOR_VERSION, "preset": preset_name, "seed": seed}
-    stamp = out / ".generation.json"
-    if stamp.is_file():
-        found = json.loads(stamp.read_text())
-        if found != identity:
-            raise ValueError(f"{out}: holds a benchmark generated with {found}, expected {identity}; "
-                             "use another folder or delete it")
-    else:
-        atomic_write_json(stamp, identity)
+    stamp = out / _STAMP
+    entries = _generated_entries(out)
+    found = folder_fingerprint(out) if entries else None
+    if entries and force:  # rebuild from nothing, whatever the folder holds
+        for e in entries:
+            shutil.rmtree(e) if e.is_dir() else e.unlink()
+    elif entries and (found is None or found["sha256"] != fingerprint["sha256"]):
+        if found is None:
+            what = "no fingerprint (made before fingerprints, or not by this generator)"
+            differ = "unknown"
+        else:
+            what = f"fingerprint {found['sha256'][:16]}"
+            names = sorted(set(found["parts"]) | set(fingerprint["parts"]))
+            differ = ", ".join(n for n in names if found["parts"].get(n) != fingerprint["parts"].get(n))
+        old = {}
+        if stamp.is_file():
+            old = {k: v for k, v in json.loads(stamp.read_text()).items() if k != "fingerprint"}
+        raise ValueError(
+            f"{out}: holds a benchmark generated with other code or settings ({what}, made as {old or '?'}); "
+            f"expected fingerprint {fingerprint['sha256'][:16]} for {identity}; parts that differ: {differ}. "
+            "Stale data must not feed a record: use `marbench simulate --force` (generate(..., force=True)) "
+            "to delete its generated content and rebuild it, or another folder")
+    if not stamp.is_file():
+        atomic_write_json(stamp, {**identity, "fingerprint": fingerprint})
     for stale in out.rglob("*.tmp"):  # temporaries of a run that was killed mid-write
         stale.unlink()
-    jobs = plan_jobs(p)
-    _write_indexes(out, p, jobs, seed)
+
+
+# ----------------------------------------------------------------------------------------------- simulation
+
+Drawn = tuple[np.ndarray, np.ndarray, list]  # HU image (N, N), tissue labels (N, N), metal objects
+
+
+def simulate_jobs(out: Path, jobs: list[Job], p: SyntheticPreset, seed: int, draw: Callable[[Job, object], Drawn],
+                  limit: int | None = None, progress: bool = True, desc: str = "simulate",
+                  projector_backend: str = "sparse", case_info: Callable[[Job], dict] | None = None) -> bool:
+    """Simulate and write every job not yet complete on disk, batch by batch (``p.batch_size``, fixed by the plan).
+
+    Args:
+        out: benchmark root; each job writes under ``out / job.root``.
+        jobs: the plan, in generation order.
+        p: the preset (geometry per anatomy, simulation settings, batch size).
+        seed: master seed (per-slice noise: ``_noise_seed``).
+        draw: ``draw(job, geometry) -> (hu (N, N) float32 HU, labels (N, N) uint8, [MetalObject])``.
+        limit: stop before the next batch once this many new slices were simulated.
+        case_info: extra entries for a case's ``metalinfo`` JSON.
+    Returns:
+        True when every job is complete.
+    """
     geometries = {a: preset(n) for a, n in p.geometry_presets.items()}
     projectors: dict[str, Projector] = {}
     done = sum(case_files(out / j.root, j.case, geometries[j.case.anatomy])["metal_info"].is_file() for j in jobs)
-    bar = tqdm(total=len(jobs), initial=done, desc=f"simulate {preset_name}", unit="slice", disable=not progress)
+    bar = tqdm(total=len(jobs), initial=done, desc=desc, unit="slice", disable=not progress)
     simulated = 0
     for batch in _batches(jobs, p.batch_size):
         anatomy = batch[0].case.anatomy
@@ -277,10 +442,10 @@ def generate(out: str | Path, preset_name: str = "smoke", seed: int = 0, limit: 
             continue
         if limit is not None and simulated >= limit:
             bar.close()
-            return None
+            return False
         if anatomy not in projectors:
             projectors[anatomy] = Projector(g, backend=projector_backend)
-        drawn = [_phantom_and_metal(j, p, seed, g) for j in batch]
+        drawn = [draw(j, g) for j in batch]
         hu = torch.from_numpy(np.stack([d[0] for d in drawn]))[:, None]
         materials = sorted({o.material for d in drawn for o in d[2]})
         masks = {m: torch.from_numpy(np.stack([
@@ -290,23 +455,69 @@ def generate(out: str | Path, preset_name: str = "smoke", seed: int = 0, limit: 
         scan = simulate_scan(projectors[anatomy], hu, masks, p.simulation, seed=noise_seeds)
         for i, (job, (_, labels, objects)) in enumerate(zip(batch, drawn, strict=True)):
             _write_case(out / job.root, job, g, scan, i, labels, objects, seed, noise_seeds[i],
-                        int(scan.starved_rays[i]))
+                        int(scan.starved_rays[i]), case_info(job) if case_info else None)
         simulated += len(batch)
         bar.update(len(batch))
     bar.close()
-    own = {out / "manifest.json", stamp}
+    return True
+
+
+def write_manifest(out: Path, identity: dict, fingerprint: dict, parts: dict, p: SyntheticPreset,
+                   extra: dict) -> dict:
+    """Write ``out/manifest.json``: identity, fingerprint (with its parts and the code files' digests), geometry
+    and simulation settings, ``extra`` and the sha256 of every file under ``out``; returns it."""
+    own = {out / "manifest.json", out / _STAMP}
     files = sorted(f for f in out.rglob("*") if f.is_file() and f not in own)
     manifest = {
         **identity,
-        "generator": "marbench.datasets.synthetic",
+        "fingerprint": {**fingerprint, "code_files": parts["code"], "libraries": parts["libraries"]},
         "geometry_presets": p.geometry_presets,
-        "geometries": {a: g.to_dict() for a, g in geometries.items()},
+        "geometries": parts["geometries"],
         "simulation": asdict(p.simulation),
-        "categories": list(CATEGORIES),
-        "tissue_labels": label_names(),
-        "cases": {name: sum(j.kind == kind for j in jobs) for name, kind in (
-            ("main", "main"), ("quantity_sweep", "quantity"), ("size_sweep", "size"), ("stack_slices", "stack"))},
+        **extra,
         "files": {str(f.relative_to(out)): sha256_file(f) for f in files},
     }
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def generate(out: str | Path, preset_name: str = "smoke", seed: int = 0, limit: int | None = None,
+             progress: bool = True, projector_backend: str = "sparse", force: bool = False) -> dict | None:
+    """Generate (or resume) a synthetic benchmark.
+
+    Args:
+        out: output folder.
+        preset_name: a key of ``PRESETS`` (``tiny``, ``smoke``, ``aapm``).
+        seed: master seed; the same seed gives the same bytes.
+        limit: stop after simulating this many new cases (an incremental run); ``None`` finishes the preset.
+        progress: show a progress bar.
+        force: when ``out`` holds a benchmark of another fingerprint, delete its generated content and rebuild.
+    Returns:
+        The manifest (also written to ``out/manifest.json``) when the benchmark is complete, else ``None``.
+    Raises:
+        ValueError: unknown preset; ``out`` holds a benchmark made by other code or settings (another
+            fingerprint: generator version, preset, geometry, seed, code or library versions) and ``force`` is
+            False.
+    """
+    parts = fingerprint_parts(preset_name, seed)  # raises on an unknown preset
+    p = PRESETS[preset_name]
+    out = Path(out)
+    identity = {"generator_version": GENERATOR_VERSION, "preset": preset_name, "seed": seed}
+    fingerprint = fingerprint_of(parts)
+    prepare_folder(out, fingerprint, identity, force)
+    jobs = plan_jobs(p)
+    atomic_write(out / "split.txt", split_text(p.name, seed))
+    write_sweep_indexes(out, p, jobs)
+
+    def draw(job: Job, geometry) -> Drawn:
+        return _phantom_and_metal(job, p, seed, geometry)
+
+    if not simulate_jobs(out, jobs, p, seed, draw, limit, progress, f"simulate {preset_name}", projector_backend):
+        return None
+    return write_manifest(out, identity, fingerprint, parts, p, {
+        "generator": "marbench.datasets.synthetic",
+        "categories": list(CATEGORIES),
+        "tissue_labels": label_names(),
+        "cases": {name: sum(j.kind == kind for j in jobs) for name, kind in (
+            ("main", "main"), ("quantity_sweep", "quantity"), ("size_sweep", "size"), ("stack_slices", "stack"))},
+    })

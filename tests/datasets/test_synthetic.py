@@ -177,3 +177,84 @@ def test_texture_equals_the_sum_of_plane_waves():
     brute = sum(a * np.cos(kx * x + ky * y + kz * 1.5 + ph) for kx, ky, kz, ph, a in spec.waves)
     np.testing.assert_allclose(texture(spec, x, y, 1.5), brute, atol=1e-10)
     assert 0.7 < texture(spec, x, y, 0.0).std() < 1.3  # unit variance by construction
+
+
+def test_the_folder_carries_the_expected_fingerprint(tiny_benchmark):
+    from marbench.datasets.synthetic import expected_fingerprint, folder_fingerprint
+
+    out, manifest = tiny_benchmark
+    fp = expected_fingerprint("tiny", 0)
+    assert set(fp["parts"]) == {"generator_version", "preset", "geometries", "seed", "code", "libraries"}
+    assert folder_fingerprint(out) == fp and len(fp["sha256"]) == 64
+    assert manifest["fingerprint"]["sha256"] == fp["sha256"] and manifest["fingerprint"]["parts"] == fp["parts"]
+    assert "marbench/physics/geometry.py" in manifest["fingerprint"]["code_files"]
+    assert "marbench/datasets/aapm_format.py" in manifest["fingerprint"]["code_files"]
+    assert expected_fingerprint("tiny", 1)["sha256"] != fp["sha256"]
+    assert expected_fingerprint("smoke", 0)["parts"]["preset"] != fp["parts"]["preset"]
+
+
+def test_an_identical_rerun_is_a_no_op(tiny_benchmark):
+    out, manifest = tiny_benchmark
+    written = {f: f.stat().st_mtime_ns for f in out.rglob("*.raw")}
+    assert generate(out, "tiny", seed=0, progress=False) == manifest
+    assert all(f.stat().st_mtime_ns == t for f, t in written.items())
+
+
+def test_other_code_or_settings_are_refused_and_force_rebuilds(tmp_path, monkeypatch):
+    import dataclasses
+
+    from marbench.datasets.synthetic import folder_fingerprint
+    from marbench.datasets.synthetic import generator as gen
+
+    out = tmp_path / "b"
+    assert generate(out, "tiny", seed=0, limit=4, progress=False) is None  # one batch on disk
+    assert len(list(out.rglob("*metalinfo*.json"))) == 4
+    real_preset = gen.preset
+    changes = {
+        "generator_version": lambda m: m.setattr(gen, "GENERATOR_VERSION", "9.9"),
+        "preset": lambda m: m.setitem(gen.PRESETS, "tiny", dataclasses.replace(
+            PRESETS["tiny"], simulation=dataclasses.replace(PRESETS["tiny"].simulation, photons_per_ray=1e6))),
+        "geometries": lambda m: m.setattr(gen, "preset", lambda n: dataclasses.replace(real_preset(n),
+                                                                                      view_start_rad=0.5)),
+        "code": lambda m: m.setattr(gen, "code_digest", lambda: {"marbench/physics/fbp.py": "0" * 64}),
+    }
+    for part, change in changes.items():
+        with monkeypatch.context() as m:
+            change(m)
+            with pytest.raises(ValueError, match=rf"{out}: holds a benchmark generated with other code or settings "
+                                                 rf"\(fingerprint [0-9a-f]{{16}}.*expected fingerprint [0-9a-f]{{16}}"
+                                                 rf".*parts that differ: {part}\. .*--force"):
+                generate(out, "tiny", seed=0, limit=0, progress=False)
+    assert len(list(out.rglob("*metalinfo*.json"))) == 4  # refused: nothing touched
+    with monkeypatch.context() as m:
+        changes["code"](m)
+        assert generate(out, "tiny", seed=0, limit=0, progress=False, force=True) is None
+        assert not list(out.rglob("*metalinfo*.json"))  # the stale cases are gone
+        assert folder_fingerprint(out) == gen.expected_fingerprint("tiny", 0)
+    with pytest.raises(ValueError, match="parts that differ: code"):  # back to this code: refused again
+        generate(out, "tiny", seed=0, limit=0, progress=False)
+
+
+def test_a_folder_without_fingerprint_is_refused(tmp_path):
+    out = tmp_path / "old"
+    (out / "body1").mkdir(parents=True)
+    (out / ".generation.json").write_text('{"generator_version": "1.1", "preset": "tiny", "seed": 0}')
+    with pytest.raises(ValueError, match=r"no fingerprint .*made as \{'generator_version': '1\.1'.*--force"):
+        generate(out, "tiny", seed=0, limit=0, progress=False)
+    generate(out, "tiny", seed=0, limit=0, progress=False, force=True)
+    assert not (out / "body1").exists()
+
+
+def test_the_same_bytes_across_thread_counts(tiny_benchmark, tmp_path):
+    from marbench.files import sha256_file
+
+    _, reference = tiny_benchmark
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        generate(tmp_path / "t", "tiny", seed=0, limit=4, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    written = {str(f.relative_to(tmp_path / "t")): sha256_file(f) for f in (tmp_path / "t").rglob("*.raw")}
+    assert len(written) == 4 * 6  # six raw files per case
+    assert {k: reference["files"][k] for k in written} == written
