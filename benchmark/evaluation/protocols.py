@@ -5,7 +5,8 @@ method's prediction (HU, ``(B, 1, H, W)``) against a batch of the suite's conven
 once, as a ``MetricSpec`` (name, whether higher is better, unit, display digits, per slice or per set), and the
 evaluator, the records and the leaderboard all read that declaration. Set-level metrics (FID over a split,
 PI_q / PI_s over the metal sweeps) come from ``set_metrics`` over the per-slice rows and features. The
-computation itself lives in ``metrics`` (PSNR, SSIM, RMSE), ``perceptual`` (LPIPS, FID, their RadImageNet
+computation itself lives in ``metrics`` (PSNR, SSIM, RMSE), ``clinical`` (the AAPM CT-MAR challenge's eight
+clinical scores), ``perceptual`` (LPIPS, FID, their RadImageNet
 variants, PI) and ``segmentation`` (the segmenter); a protocol only fixes how they are applied.
 
 Changing any convention means a new ``version``; the leaderboard never merges records of different versions.
@@ -31,11 +32,13 @@ from marbench.converters import hu_to_mu, window
 from marbench.datasets.sweeps import metal_objects
 from marbench.registry import Registry
 
+from . import clinical
 from .metrics import psnr, rmse, ssim
 from .perceptual import backbones, frechet_distance_of_features, layer4_distance, perceptual_indicator
 from .segmentation import SegmentationRecipe, segment, segmenter
 
-__all__ = ["MetricSpec", "Protocol", "AAPMHU", "EditMAR", "SynDeepLesionProtocol", "Perceptual", "Segmentation",
+__all__ = ["MetricSpec", "Protocol", "AAPMHU", "AAPM_HU_V1", "AAPMClinical", "EditMAR", "SynDeepLesionProtocol",
+           "Perceptual", "Segmentation",
            "PerceptualIndicators", "PROTOCOLS", "get_protocol", "level_lpips"]
 
 
@@ -156,17 +159,23 @@ class AAPMHU(Protocol):
 
     * ``rmse_hu``: RMSE in HU inside the body (target above ``body_threshold_hu``, holes filled), the metal
       mask dilated by ``metal_dilation_px`` pixels excluded.
-    * ``psnr``, ``ssim``: as the challenge's ``AAPMmetric.py`` (xcist/example, ``AAPM_datachallenge``): images
-      + 1000 HU, metal pixels set to 0, ``[scale_min, scale_max]`` mapped to ``[0, 1]`` and clipped, body slices
-      zeroed outside a ``fov_ring_mm`` diameter circle, data range 1, SSIM with an 11-tap Gaussian window.
+    * ``psnr``, ``ssim``: as the challenge's ``AAPMmetric.py`` (xcist/example,
+      ``AAPM_datachallenge/obsolete/metric/AAPMmetric.py``): images + 1000 HU, metal pixels set to 0,
+      ``[scale_min, scale_max]`` mapped to ``[0, 1]`` and clipped, body slices zeroed outside a ``fov_ring_mm``
+      diameter circle, data range 1, SSIM with an 11-tap Gaussian window.
+
+    Versions: v2 (default) follows the script since its revision of 2024-02-19 (c23d351, still so at its latest,
+    ebb770e): ``min2 = -2000, max2 = 6000``. v1 followed the script's first revisions (30e87d4 .. 4461eab,
+    ``max2 = 20000``); ``get_protocol("aapm-hu", version="1")`` (``AAPM_HU_V1``) still scores and describes it, for
+    the records made with it.
     """
 
     name: str = "aapm-hu"
-    version: str = "1"
+    version: str = "2"
     body_threshold_hu: float = -500.0
     metal_dilation_px: int = 2
     scale_min: float = -2000.0
-    scale_max: float = 20000.0
+    scale_max: float = 6000.0
     fov_ring_mm: float = 470.0
     requires: ClassVar[tuple[str, ...]] = ("gt_image", "metal_mask", "anatomy", "fov_mm")
 
@@ -204,6 +213,111 @@ class AAPMHU(Protocol):
         region = self.body_mask(target) & ~_dilate(metal, self.metal_dilation_px)
         p, t = self.scaled(pred_hu, metal, batch), self.scaled(target, metal, batch)
         return {"rmse_hu": rmse(pred_hu, target, region), "psnr": psnr(p, t, 1.0), "ssim": ssim(p, t, 1.0)}
+
+
+AAPM_HU_V1 = AAPMHU(version="1", scale_max=20000.0)
+"""``aapm-hu`` v1 (``AAPMmetric.py`` before 2024-02-19: ``max2 = 20000``), for records made with it."""
+
+
+@dataclass(frozen=True)
+class AAPMClinical(Protocol):
+    """``aapm-clinical``: the AAPM CT-MAR challenge's own scoring (xcist/example ``AAPM_datachallenge``:
+    ``scoring_metric.md``, ``scoring/score.py``, ``scoring/utils.py``), computed per slice by ``clinical``.
+
+    Per slice, the eight metrics and their 0-4 scores (0: as the reference; 4: no better than uncorrected): CT-number
+    accuracy (``rmse_hu`` -> ``score_ct_number``), noise (``noise_hu``), sharpness (Sobel P90 ratio, scored against
+    Gaussian blurs of sigma 0.4, 0.5, 0.75, 1), streak amplitude (``streak_hu``), overall integrity (``ssim``, data
+    range 5000), bone integrity (> 150 HU: ``bone_volume_change``, ``bone_dice``), metal integrity
+    (``metal_volume_change``, ``metal_dice``), proton range (``range_shift``: WET along in-plane beams through the
+    MGH CT-number-to-SPR curve); ``score`` is their mean, and the set-level ``challenge_score`` combines them as
+    score.py: the mean over the eight metrics of each score's mean over the slices. Definitions: ``clinical``'s
+    module docstring.
+
+    ROIs and score axes:
+
+    * ``reference_dir`` set (the real scoring set, e.g. ``AAPMScoringDataModule``): the challenge's
+      ``1_data_dicts/{base,structures,parameters}.pkl`` from that folder (or the folder itself), read by a
+      restricted unpickler (``safe_pickle``), the case from each slice's ``slice_id`` (``"01"`` .. ``"29"``), the
+      per-case score axes of ``utils.scoring_axes``. A case missing there is an error. The reference images come
+      from ``base.pkl``, so the batch needs no ``gt_image``; the record lists the pickles' sha256.
+    * no ``reference_dir`` (the synthetic benchmark): the challenge's hand-drawn ROIs do not exist, so each slice's
+      are derived from the phantom's structures (``tissue_labels``, ``metal_mask``): the patient outline (non-air,
+      holes filled); the metal region (metal + 10 mm); a homogeneous soft-tissue disk (radius 8 mm, or smaller where
+      none fits) inside one tissue class, as far from the metal as possible; soft-tissue/bone and soft-tissue/fat
+      boundary bands outside the metal region; streak lines joining the centroids of each pair of metal objects
+      (one object: the ring 5-15 mm around it); a 15 mm proton target at the body's centroid reached by four
+      beams. The score axes are calibrated per slice: 0 at the ideal value, 4 at the uncorrected image's
+      (``ma_image``) value (at least the challenge's narrowest span), noise from the reference's to twice it,
+      sharpness at the reference blurred with the four sigmas, range 0-2 %. See ``clinical.synthetic_case``.
+    """
+
+    name: str = "aapm-clinical"
+    version: str = "1"
+    reference_dir: str | None = None
+    requires: ClassVar[tuple[str, ...]] = ("gt_image", "ma_image", "metal_mask", "tissue_labels", "fov_mm")
+
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        def score(name, what, figure=False):
+            return MetricSpec(name, False, "", 2, description=f"0-4 score: {what}", figure=figure)
+
+        def detail(name, higher, unit, digits, what):
+            return MetricSpec(name, higher, unit, digits, description=what, figure=False)
+
+        return (score("score", "mean of the eight clinical scores", figure=True),
+                score("score_ct_number", "CT-number accuracy (RMSE)"), score("score_noise", "noise"),
+                score("score_sharpness", "sharpness"), score("score_streak", "streak amplitude"),
+                score("score_ssim", "overall integrity (SSIM)"), score("score_bone", "bone integrity"),
+                score("score_metal", "metal integrity"), score("score_range", "proton range"),
+                detail("rmse_hu", False, "HU", 2, "RMSE inside the patient, metal (dilated) excluded"),
+                detail("noise_hu", False, "HU", 2, "standard deviation in the homogeneous ROI"),
+                detail("sharpness", True, "", 3, "Sobel P90 in the edge ROIs relative to the reference"),
+                detail("streak_hu", False, "HU", 1, "streak amplitude (top 5 % minus bottom 5 % of the error)"),
+                detail("ssim", True, "", 4, "SSIM (data range 5000) inside the patient"),
+                detail("bone_volume_change", False, "", 4, "relative bone (> 150 HU) area change"),
+                detail("bone_dice", True, "", 4, "Dice of the bone masks"),
+                detail("metal_volume_change", False, "", 4, "relative metal area change"),
+                detail("metal_dice", True, "", 4, "Dice of the metal masks"),
+                detail("range_shift", False, "", 4, "largest WET difference relative to the largest range"),
+                MetricSpec("challenge_score", False, "", 3, "set",
+                           "score.py's overall score: mean over the eight metrics of their mean scores", figure=False))
+
+    def check_batch(self, batch: dict) -> None:
+        if self.reference_dir is None:
+            return super().check_batch(batch)
+        if "slice_id" not in batch:
+            raise KeyError(f"protocol {self.name!r} with reference_dir needs batch key 'slice_id' (the scoring case); "
+                           f"the batch has {sorted(batch)}")
+
+    def cases(self, batch: dict) -> list[clinical.ClinicalCase]:
+        """One ``clinical.ClinicalCase`` per slice of the batch."""
+        if self.reference_dir is not None:
+            return [clinical.reference_case(self.reference_dir, clinical.case_key(sid)) for sid in batch["slice_id"]]
+        n = batch["gt_image"].shape[-1]
+        return [clinical.synthetic_case(batch["gt_image"][i, 0].cpu().numpy(), batch["ma_image"][i, 0].cpu().numpy(),
+                                        batch["metal_mask"][i, 0].cpu().numpy(),
+                                        batch["tissue_labels"][i, 0].cpu().numpy(), float(batch["fov_mm"][i]) / n)
+                for i in range(batch["gt_image"].shape[0])]
+
+    def score(self, pred_hu, batch):
+        rows = []
+        for i, case in enumerate(self.cases(batch)):
+            values = clinical.measure(pred_hu[i, 0].detach().cpu().double().numpy(), case)
+            rows.append({**values, **clinical.scores(values, case)})
+        names = [m.name for m in self.metrics if m.level == "slice"]
+        return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in names}
+
+    def set_metrics(self, frame, features, reference):
+        return {"challenge_score": float(np.mean([frame[s].astype(float).mean() for s in clinical.SCORES]))}
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.reference_dir is None:
+            d["rois"] = "derived from the synthetic phantom's structures (marbench.evaluation.clinical.synthetic_case)"
+        else:
+            d["rois"] = "AAPM CT-MAR scoring pickles (1_data_dicts)"
+            d["reference_sha256"] = clinical.load_reference(str(self.reference_dir))[3]
+        return d
 
 
 @dataclass(frozen=True)
@@ -442,14 +556,30 @@ class PerceptualIndicators(Protocol):
 
 
 PROTOCOLS: Registry[Protocol] = Registry("evaluation protocol", base=Protocol)
-for _protocol in (AAPMHU(), EditMAR(), SynDeepLesionProtocol(), Perceptual(), Segmentation(), PerceptualIndicators()):
+for _protocol in (AAPMHU(), AAPMClinical(), EditMAR(), SynDeepLesionProtocol(), Perceptual(), Segmentation(),
+                  PerceptualIndicators()):
     PROTOCOLS.register(_protocol.name, _protocol)
 
 
-def get_protocol(name: str) -> Protocol:
-    """The named protocol (``PROTOCOLS.get``).
+OLDER_VERSIONS: dict[tuple[str, str], Protocol] = {("aapm-hu", "1"): AAPM_HU_V1}
+"""Earlier versions of registered protocols that are still defined, by ``(name, version)``."""
+
+
+def get_protocol(name: str, version: str | None = None) -> Protocol:
+    """The named protocol (``PROTOCOLS.get``), at its current version or at ``version``.
+
+    >>> get_protocol("aapm-hu").version, get_protocol("aapm-hu", version="1").scale_max
+    ('2', 20000.0)
 
     Raises:
-        KeyError: unknown name (the message lists the known ones).
+        KeyError: unknown name (the message lists the known ones) or a version that is not defined (lists those that
+            are).
     """
-    return PROTOCOLS.get(name)
+    current = PROTOCOLS.get(name)
+    if version is None or str(version) == current.version:
+        return current
+    older = OLDER_VERSIONS.get((name, str(version)))
+    if older is None:
+        known = sorted([current.version, *(v for n, v in OLDER_VERSIONS if n == name)])
+        raise KeyError(f"protocol {name!r} has no version {version!r}; defined: {known}")
+    return older

@@ -20,17 +20,19 @@ def _phantom(n=64):
     return torch.tensor(gt, dtype=torch.float32)[None, None], torch.tensor(metal)[None, None]
 
 
-def test_aapm_hu_follows_aapm_metric_py():
+@pytest.mark.parametrize("version, max2", [("2", 6000.0), ("1", 20000.0)])
+def test_aapm_hu_follows_aapm_metric_py(version, max2):
+    """v2: AAPMmetric.py since 2024-02-19 (min2 -2000, max2 6000); v1: its first revisions (max2 20000)."""
     gt, metal = _phantom()
     pred = gt + torch.randn(gt.shape, generator=torch.Generator().manual_seed(0)) * 20
     pred[metal] = 5000.0  # metal put back: excluded by the protocol
-    scores = get_protocol("aapm-hu").score(pred, _batch(gt, metal))
+    scores = get_protocol("aapm-hu", version=version).score(pred, _batch(gt, metal))
     # independent: the AAPMmetric.py recipe in numpy/skimage
 
     def scale(x):
         x = x[0, 0].numpy().astype(np.float64) + 1000
         x[metal[0, 0].numpy()] = 0
-        return np.clip((x + 2000) / 22000, 0, 1)  # whole 64 x 64 body image lies inside the 470 mm ring
+        return np.clip((x + 2000) / (max2 + 2000), 0, 1)  # whole 64 x 64 body image lies inside the 470 mm ring
 
     g, q = scale(gt), scale(pred)
     n = 64
@@ -46,6 +48,25 @@ def test_aapm_hu_follows_aapm_metric_py():
     keep[28:35, 28:35] = False  # the 3 x 3 metal dilated by 2 pixels
     ref = np.sqrt(np.mean(((pred - gt)[0, 0].numpy()[keep]) ** 2))
     assert float(scores["rmse_hu"]) == pytest.approx(ref, rel=1e-5)
+
+
+def test_aapm_hu_versions_current_and_older():
+    assert get_protocol("aapm-hu").version == "2" and get_protocol("aapm-hu").scale_max == 6000.0
+    v1 = get_protocol("aapm-hu", version="1")
+    assert v1.to_dict()["version"] == "1" and v1.scale_max == 20000.0 and v1.metric_names == ("rmse_hu", "psnr", "ssim")
+    assert get_protocol("editmar", version="1") is get_protocol("editmar")
+    with pytest.raises(KeyError, match=r"protocol 'aapm-hu' has no version '7'; defined: \['1', '2'\]"):
+        get_protocol("aapm-hu", version="7")
+
+
+def test_aapm_clinical_is_registered_with_its_metrics_declared_once():
+    p = get_protocol("aapm-clinical")
+    assert p.version == "1" and p.reference_dir is None and "synthetic" in p.to_dict()["rois"]
+    assert [m.name for m in p.metrics if m.level == "set"] == ["challenge_score"]
+    assert [m.name for m in p.metrics if m.figure] == ["score"]
+    with pytest.raises(KeyError, match=r"protocol 'aapm-clinical' needs batch keys \['ma_image', 'tissue_labels'\]"):
+        p.check_batch({"gt_image": torch.zeros(1, 1, 8, 8), "metal_mask": torch.zeros(1, 1, 8, 8, dtype=torch.bool),
+                       "fov_mm": torch.ones(1)})
 
 
 def test_editmar_quantises_the_window_to_8_bits():
