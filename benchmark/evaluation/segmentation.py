@@ -24,36 +24,43 @@ from marbench.files import atomic_write, sha256_file
 from marbench.networks import UNet
 from marbench.physics.backends import default_cache_dir
 
-__all__ = ["SegmentationRecipe", "segmenter", "segment"]
+__all__ = ["SegmentationRecipe", "segmenter", "segment", "soft_dice_loss"]
 
 
 @dataclass(frozen=True)
 class SegmentationRecipe:
-    """How the segmenter is trained: a U-Net (``marbench.networks.UNet``) on clean images given as two
-    windows mapped to [0, 1] (a wide one for air, lung and bone, a soft-tissue one that separates fat, muscle and
-    organ), cross entropy over the tissue classes, Adam, fixed seed."""
+    """How the segmenter is trained: a U-Net (``marbench.networks.UNet``) on clean images given as four HU
+    windows mapped to [0, 1] (wide; lung; soft tissue, which separates fat, muscle and organ; bone), with the loss
+    of nnU-Net (Isensee et al., "nnU-Net: a self-configuring method for deep learning-based biomedical image
+    segmentation", Nature Methods 2021): cross entropy plus the soft Dice loss over the classes present in the
+    batch, which keeps the small classes (bone, CSF) from being traded for the large ones (air: a pure cross-entropy
+    segmenter never predicts them). ``steps`` Adam steps with a one-cycle learning rate on random
+    ``crop_px`` x ``crop_px`` crops of the training slices with random left-right flips (the classes are
+    symmetric), fixed seed; inference on whole slices (the network is fully convolutional)."""
 
     class_names: tuple[str, ...] = ("air", "lung", "fat", "muscle", "organ", "cancellous_bone", "cortical_bone",
                                     "brain", "csf")  # label ids of datasets.synthetic.tissues
-    wide_hu: tuple[float, float] = (-1000.0, 1500.0)
-    soft_tissue_hu: tuple[float, float] = (-150.0, 150.0)
+    windows_hu: tuple[tuple[float, float], ...] = ((-1000.0, 1500.0), (-1000.0, -400.0), (-150.0, 150.0),
+                                                  (150.0, 1500.0))
     base: int = 8
     depth: int = 4
-    epochs: int = 4
-    batch_size: int = 8
-    lr: float = 3e-3
+    steps: int = 800
+    crop_px: int = 128
+    batch_size: int = 16
+    lr: float = 5e-3
+    dice_weight: float = 1.0
     seed: int = 0
 
     def network(self) -> torch.nn.Module:
-        return UNet(2, self.classes, self.base, self.depth)
+        return UNet(len(self.windows_hu), self.classes, self.base, self.depth)
 
     @property
     def classes(self) -> int:
         return len(self.class_names)
 
     def inputs(self, hu: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)`` HU -> ``(B, 2, H, W)`` network input."""
-        return torch.cat([window(hu, *self.wide_hu), window(hu, *self.soft_tissue_hu)], dim=1)
+        """``(B, 1, H, W)`` HU -> ``(B, len(windows_hu), H, W)`` network input in [0, 1]."""
+        return torch.cat([window(hu, low, high) for low, high in self.windows_hu], dim=1)
 
 
 def _cache_key(datamodule, recipe: SegmentationRecipe) -> str:
@@ -91,21 +98,62 @@ def segmenter(datamodule, recipe: SegmentationRecipe = SegmentationRecipe(),
     return _LOADED[(path, recipe)]
 
 
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``1 -`` the mean soft Dice coefficient over the classes present in ``labels`` (batch Dice, nnU-Net).
+
+    Args:
+        logits: ``(B, K, H, W)`` class scores; labels: ``(B, H, W)`` int64 class ids in ``[0, K)``.
+    Returns:
+        A scalar in ``[0, 1]``: 0 when the softmax is one-hot on the labels.
+
+    >>> labels = torch.tensor([[[0, 1], [1, 2]]])
+    >>> round(float(soft_dice_loss(100 * F.one_hot(labels, 4).permute(0, 3, 1, 2).float(), labels)), 6)
+    0.0
+    """
+    prob = logits.softmax(1)
+    onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+    dims = (0, 2, 3)
+    present = onehot.sum(dims) > 0
+    dice = (2 * (prob * onehot).sum(dims) + 1) / (prob.sum(dims) + onehot.sum(dims) + 1)
+    return 1 - dice[present].mean()
+
+
 def _train(net: torch.nn.Module, train_set, recipe: SegmentationRecipe, path: Path, log) -> None:
-    """Train ``net`` on the clean images of ``train_set`` and write its state to ``path`` atomically."""
-    loader = torch.utils.data.DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(recipe.seed))
+    """Train ``net`` on random crops of the clean images of ``train_set`` and write its state to ``path``
+    atomically.
+
+    Raises:
+        ValueError: the training slices are smaller than the crop.
+    """
+    gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps)
     net.train()
-    for epoch in range(recipe.epochs):
-        total = 0.0
-        for batch in loader:
-            loss = F.cross_entropy(net(recipe.inputs(batch["gt_image"])), batch["tissue_labels"][:, 0])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss) / len(loader)
-        log(f"segmenter epoch {epoch + 1}/{recipe.epochs}: cross entropy {total:.4f}")
+    total, every = 0.0, max(recipe.steps // 10, 1)
+    for step in range(recipe.steps):
+        picks = torch.randint(len(train_set), (recipe.batch_size,), generator=gen).tolist()
+        slices = [train_set[i] for i in picks]
+        n = slices[0]["gt_image"].shape[-1]
+        crop = min(recipe.crop_px, n)
+        if crop % 2 ** recipe.depth:
+            raise ValueError(f"segmenter: crops of {crop} px do not pool {recipe.depth} times (slices of {n} px)")
+        corners = torch.randint(n - crop + 1, (recipe.batch_size, 2), generator=gen).tolist()
+        pairs = list(zip(slices, corners, strict=True))
+        image = torch.stack([s["gt_image"][:, y:y + crop, x:x + crop] for s, (y, x) in pairs])
+        labels = torch.stack([s["tissue_labels"][0, y:y + crop, x:x + crop] for s, (y, x) in pairs])
+        flip = torch.rand(recipe.batch_size, generator=gen) < 0.5
+        image = torch.where(flip[:, None, None, None], image.flip(-1), image)
+        labels = torch.where(flip[:, None, None], labels.flip(-1), labels)
+        logits = net(recipe.inputs(image))
+        loss = F.cross_entropy(logits, labels) + recipe.dice_weight * soft_dice_loss(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach())
+        if (step + 1) % every == 0:
+            log(f"segmenter step {step + 1}/{recipe.steps}: cross entropy + Dice {total / every:.4f}")
+            total = 0.0
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
     atomic_write(path, buffer.getvalue())

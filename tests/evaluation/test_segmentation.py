@@ -8,7 +8,7 @@ from marbench.evaluation.records import read_record
 from marbench.evaluation.segmentation import SegmentationRecipe, segmenter
 from marbench.methods.classic import CleanImage, LinearInterpolation, Uncorrected
 
-RECIPE = SegmentationRecipe(base=8, depth=3, epochs=20)  # 10 training slices: 40 steps
+RECIPE = SegmentationRecipe(base=8, depth=3, steps=40, crop_px=64, batch_size=8)  # 10 training slices
 KEYS = ("ma_image", "gt_image", "metal_mask", "li_image", "tissue_labels")
 
 
@@ -48,3 +48,16 @@ def test_the_segmenter_learns_the_tissue_labels_and_is_cached(tiny_benchmark):
 def test_an_unbound_protocol_says_so():
     with pytest.raises(ValueError, match="bound to a datamodule"):
         Segmentation().score(torch.zeros(1, 1, 8, 8), {"tissue_labels": torch.zeros(1, 1, 8, 8, dtype=torch.long)})
+
+
+def test_soft_dice_loss_against_a_hand_computation():
+    from marbench.evaluation.segmentation import soft_dice_loss
+
+    labels = torch.tensor([[[0, 1], [1, 1]]])
+    # uniform softmax over 4 classes (0.25 per pixel): class 0 (1 pixel) Dice (2 * 0.25 + 1) / (1 + 1 + 1) = 0.5,
+    # class 1 (3 pixels) (2 * 0.75 + 1) / (1 + 3 + 1) = 0.5; classes 2 and 3 are absent and skipped
+    assert float(soft_dice_loss(torch.zeros(1, 4, 2, 2), labels)) == pytest.approx(0.5)
+    # two classes: class 0 (2 * 0.5 + 1) / (2 + 1 + 1) = 0.5, class 1 (2 * 1.5 + 1) / (2 + 3 + 1) = 2/3
+    assert float(soft_dice_loss(torch.zeros(1, 2, 2, 2), labels)) == pytest.approx(1 - (0.5 + 2 / 3) / 2)
+    confident = 50 * torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    assert float(soft_dice_loss(confident, labels)) < 1e-6
