@@ -4,7 +4,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test bench leaderboard perf lint data clean-cache
+.PHONY: install test bench leaderboard verify perf lint data clean-cache
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ bench: $(STAMP)
 
 leaderboard: $(STAMP)
 	$(VENV)/bin/marbench leaderboard
+
+# The cheap committed rows (no training) must reproduce from a fresh simulation of the smoke benchmark: a record
+# that the code no longer produces turns CI red. `marbench verify RECORD...` re-runs any other row.
+CHEAP_RECORDS := $(foreach m,uncorrected li nmar,$(foreach p,aapm-hu editmar aapm-clinical,\
+	leaderboards/results/synthetic-smoke__$(m)__$(p)__seed0.json))
+verify: $(STAMP)
+	$(VENV)/bin/marbench simulate --preset smoke --out data/smoke --quiet
+	$(VENV)/bin/marbench verify --failures-only $(CHEAP_RECORDS)
 
 perf: $(STAMP)
 	$(VENV)/bin/python perf/projector_speed.py

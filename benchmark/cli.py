@@ -1,7 +1,7 @@
 """The ``marbench`` command line.
 
-``marbench simulate``, ``splits editmar``, ``list``, ``weights``, ``bench``, ``rerun``, ``leaderboard``; ``fit``,
-``validate``, ``test`` and ``predict`` are LightningCLI subcommands
+``marbench simulate``, ``splits editmar``, ``list``, ``weights``, ``bench``, ``rerun``, ``verify``,
+``leaderboard``; ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands
 (``marbench test --config configs/bench/li.yaml``).
 """
 from __future__ import annotations
@@ -13,10 +13,27 @@ _LIGHTNING = ("fit", "validate", "test", "predict")
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from marbench.datasets.synthetic import generate
+    from marbench.datasets.synthetic import generate, generate_from_clean_images
 
-    manifest = generate(args.out, args.preset, seed=args.seed, progress=not args.quiet)
-    print(f"{args.out}: {manifest['cases']} slices, {len(manifest['files'])} files, manifest.json written")
+    if args.clean_images is None:
+        for flag, value in (("--categories", args.categories), ("--pixel-mm", args.pixel_mm),
+                            ("--crop-to-fov", args.crop_to_fov or None)):
+            if value is not None:
+                print(f"marbench simulate: {flag} only applies with --clean-images", file=sys.stderr)
+                return 2
+    try:
+        if args.clean_images is None:
+            manifest = generate(args.out, args.preset, seed=args.seed, progress=not args.quiet, force=args.force)
+        else:
+            manifest = generate_from_clean_images(args.out, args.clean_images, args.preset, seed=args.seed,
+                                                  categories=args.categories, pixel_mm=args.pixel_mm,
+                                                  crop_to_fov=args.crop_to_fov, progress=not args.quiet,
+                                                  force=args.force)
+    except (ValueError, FileNotFoundError) as e:  # bad input or a folder of other provenance: the message says
+        print(f"marbench simulate: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {manifest['cases']} slices, {len(manifest['files'])} files, manifest.json written "
+          f"(fingerprint {manifest['fingerprint']['sha256'][:16]})")
     return 0
 
 
@@ -63,9 +80,17 @@ def _bench(args: argparse.Namespace) -> int:
 
     from marbench.bench import run_bench
 
-    timings = run_bench([Path(c) for c in args.configs] or None, data_root=args.data, preset=args.preset)
-    steps = ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-    print(f"wall seconds: {steps}; total {sum(timings.values()):.0f}")
+    try:
+        timings = run_bench([Path(c) for c in args.configs] or None, data_root=args.data, preset=args.preset,
+                            force_data=args.force_data)
+    except ValueError as e:  # stale data (another fingerprint) or a bad config: the message says which
+        print(f"marbench bench: {e}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k in timings)
+    print("wall seconds per step:")
+    for k, v in timings.items():
+        print(f"  {k:{width}s} {v:8.1f}")
+    print(f"  {'total':{width}s} {sum(timings.values()):8.1f}")
     return 0
 
 
@@ -78,6 +103,13 @@ def _rerun(args: argparse.Namespace) -> int:
     done = rerun([Path(c) for c in args.configs] or None, protocols or None)
     print(f"records written for {', '.join(done)}")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from marbench.verify import main as verify
+
+    return verify(args.records, data_root=args.data, check_files=not args.no_file_check,
+                  only_failures=args.failures_only)
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
@@ -107,11 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marbench", description="Benchmark suite for CT metal artifact reduction",
                                      epilog="fit | validate | test | predict --config FILE: LightningCLI subcommands")
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="generate (or resume) the synthetic AAPM-like benchmark")
+    sim = sub.add_parser("simulate", help="generate (or resume) the synthetic AAPM-like benchmark, or one "
+                                          "simulated on your own clean CT images (--clean-images)")
     sim.add_argument("--preset", default="smoke", choices=["tiny", "smoke", "aapm"])
     sim.add_argument("--out", required=True, help="output folder (AAPM CT-MAR release layout)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument("--force", action="store_true",
+                     help="OUT was made by other code, settings or inputs: delete its generated content and rebuild")
+    sim.add_argument("--clean-images", metavar="PATH",
+                     help="folder (or file) of clean CT: DICOM series, NIfTI volumes or AAPM *_512x512x1.raw slices")
+    sim.add_argument("--categories", metavar="CSV",
+                     help="with --clean-images: rows file_or_slice,category choosing the implants (default: "
+                          "AAPM fractal shapes inside the body, body FOV)")
+    sim.add_argument("--pixel-mm", type=float, default=None,
+                     help="with --clean-images: pixel size of raw slices (default: AAPM body FOV, 400 mm / width)")
+    sim.add_argument("--crop-to-fov", action="store_true",
+                     help="with --clean-images: crop bodies larger than the FOV instead of refusing them "
+                          "(recorded in the manifest)")
     sim.set_defaults(func=_simulate)
     splits = sub.add_parser("splits", help="write split files").add_subparsers(dest="protocol", required=True)
     editmar = splits.add_parser("editmar", help="CT-EditMAR test / train-N / reference-pool split")
@@ -127,11 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("configs", nargs="*", help="configs to run (default: configs/bench/*.yaml)")
     bench.add_argument("--data", default="data/smoke")
     bench.add_argument("--preset", default="smoke", choices=["tiny", "smoke", "aapm"])
+    bench.add_argument("--force-data", action="store_true",
+                       help="rebuild --data if it was generated by other code or settings")
     bench.set_defaults(func=_bench)
     rr = sub.add_parser("rerun", help="re-evaluate benched configs from runs/bench checkpoints, without training")
     rr.add_argument("configs", nargs="*", help="configs (default: configs/bench/*.yaml)")
     rr.add_argument("--protocols", help="comma-separated protocols to evaluate (default: the config's list)")
     rr.set_defaults(func=_rerun)
+    vf = sub.add_parser("verify", help="re-run the rows of result records and compare every value with the record")
+    vf.add_argument("records", nargs="+", help="result records (leaderboards/results/*.json)")
+    vf.add_argument("--data", help="data folder to run on instead of the records' data.init_args.root")
+    vf.add_argument("--no-file-check", action="store_true",
+                    help="check only manifest.json's sha256, not every file it lists")
+    vf.add_argument("--failures-only", action="store_true", help="print only the values that disagree")
+    vf.set_defaults(func=_verify)
     lb = sub.add_parser("leaderboard", help="rebuild leaderboards/ from leaderboards/results/*.json")
     lb.add_argument("--root", default="leaderboards")
     lb.add_argument("--tables-only", action="store_true", help="tables only (no figures)")

@@ -1,7 +1,8 @@
 """Image-domain metal mask and inpainting prior, for image-domain methods evaluated without a sinogram.
 
-Seed 000 Sec. 3.2 evaluates the DeepLesion-trained baselines (OSCNet, ADN) on AAPM images this way: the metal
-mask is ``HU > 2000`` dilated by a 7 x 7 elliptical kernel, and the LI image that OSCNet expects is
+Emirdagi et al., "Leveraging Image Editing Foundation Models for Data-Efficient CT Metal Artifact Reduction"
+(arXiv 2604.05934), Sec. 3.2, evaluates the DeepLesion-trained baselines (OSCNet, ADN) on AAPM images this way:
+the metal mask is ``HU > 2000`` dilated by a 7 x 7 elliptical kernel, and the LI image that OSCNet expects is
 approximated by OpenCV's TELEA inpainting (Telea, J. Graphics Tools 9(1), 2004) of that mask. The sinogram LI
 prior (``marbench.physics.inpainting``) stays the default wherever the dataset has sinograms.
 """

@@ -11,10 +11,16 @@ from __future__ import annotations
 import json
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from marbench.evaluation.evaluator import Evaluator
+from marbench.evaluation.protocols import Protocol
 from marbench.method import MARMethod
+
+# protocols are dataclasses, which jsonargparse parses as plain types; a config names a configured protocol by
+# class_path (e.g. ``AAPMClinical`` with its ``reference_dir``), so subclasses must be accepted
+set_parsing_settings(subclasses_enabled=[Protocol])
 
 __all__ = ["MarbenchCLI", "build_cli"]
 

@@ -42,7 +42,7 @@ def test_a_row_is_evaluated_on_the_split_and_on_the_sweeps(grid):
     assert editmar.dataset["split"].endswith("split.txt") and indicators.dataset["split"].endswith("sweeps")
     assert editmar.manifest["config"]["model"]["class_path"].endswith("LinearInterpolation")
     assert {s["category"] for s in indicators.slices} == {"quantity", "size"}
-    assert rerun(protocols=["aapm-hu"]) == ["li"]
+    assert rerun(protocols=["aapm-hu"]) == ["li__seed0"]
     assert read_record(grid / "results" / "tiny__li__aapm-hu__seed0.json").protocol["name"] == "aapm-hu"
 
 
@@ -51,3 +51,20 @@ def test_a_config_without_an_evaluator_is_refused(grid):
     cfg.write_text(cfg.read_text() + "trainer:\n  callbacks: []\n")
     with pytest.raises(ValueError, match="li.yaml: the config has no marbench Evaluator"):
         run_row(cfg)
+
+
+def test_rows_train_with_the_seeds_of_the_seeds_table(grid):
+    from marbench.bench import SEEDS_FILE, build_row, extra_seed_protocols, row_seeds
+
+    (cfg,) = row_configs()
+    assert row_seeds(cfg) == [0]  # no table: one seed
+    (grid / SEEDS_FILE).write_text("default: [0]\nrows:\n  li: [3, 4]\nextra_seed_protocols: [aapm-hu]\n")
+    assert row_seeds(cfg) == [3, 4] and row_seeds(cfg.with_name("other.yaml")) == [0]
+    assert extra_seed_protocols() == ["aapm-hu"]
+    cli = build_row(cfg, grid / "configs" / "bench" / "_base.yaml", seed=4, example=False, protocols=["aapm-hu"])
+    (ev,) = cli.evaluators()
+    assert ev.seed == 4 and not ev.save_example and cli.config["seed_everything"] == 4
+    assert [p.name for p in ev.protocols] == ["aapm-hu"]
+    (grid / SEEDS_FILE).write_text("rows:\n  li: []\n")
+    with pytest.raises(ValueError, match="non-empty list of integers, found \\[\\]"):
+        row_seeds(cfg)

@@ -42,3 +42,26 @@ def test_gpu_config_classes_and_arguments_exist(config):
         cls = _class(callback["class_path"])
         unknown = set(callback.get("init_args", {})) - set(inspect.signature(cls).parameters)
         assert not unknown, f"{config}: {cls.__name__} has no arguments {sorted(unknown)}"
+
+
+def test_a_config_names_a_configured_protocol_by_class_path(tmp_path):
+    """The README's recipe for the real scoring set: ``AAPMClinical`` bound to the challenge's pickles."""
+    (tmp_path / "c.yaml").write_text(f"""
+model: {{class_path: marbench.methods.classic.LinearInterpolation}}
+data:
+  class_path: marbench.datasets.scoring.AAPMScoringDataModule
+  init_args: {{root: {tmp_path}}}
+trainer:
+  callbacks:
+    - class_path: marbench.evaluation.evaluator.Evaluator
+      init_args:
+        dataset: aapm-scoring
+        protocols:
+          - aapm-hu
+          - class_path: marbench.evaluation.protocols.AAPMClinical
+            init_args: {{reference_dir: {tmp_path / 'dicts'}}}
+""")
+    (evaluator,) = build_cli(["--config", str(tmp_path / "c.yaml")], run=False).evaluators()
+    hu, clinical = evaluator.protocols
+    assert hu.name == "aapm-hu" and clinical.name == "aapm-clinical"
+    assert str(clinical.reference_dir) == str(tmp_path / "dicts")

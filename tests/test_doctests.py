@@ -10,9 +10,14 @@ MODULES = [
     "marbench.converters",
     "marbench.physics.ctphysics",
     "marbench.physics.geometry",
+    "marbench.physics.fbp",
     "marbench.evaluation.metrics",
     "marbench.evaluation.protocols",
+    "marbench.evaluation.clinical",
+    "marbench.evaluation.safe_pickle",
+    "marbench.evaluation.segmentation",
     "marbench.datasets.sweeps",
+    "marbench.verify",
 ]
 
 
