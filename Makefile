@@ -4,7 +4,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test bench leaderboard verify perf lint data clean-cache
+.PHONY: install browser test bench leaderboard verify perf lint data clean-cache
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +14,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(VENV)/bin/pytest
+# The leaderboard page's test drives a real headless Chromium (Debian's chromium and chromium-driver).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get install -y -q chromium chromium-driver || \
+		 (apt-get update -q && apt-get install -y -q chromium chromium-driver))
 
+test: $(STAMP) browser
+	MARBENCH_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
+
+# The smoke grid: resumable (a finished job is not re-run while its code, config and data are unchanged).
 bench: $(STAMP)
-	$(VENV)/bin/marbench bench
+	$(VENV)/bin/marbench grid configs/grids/smoke.yaml
 
 leaderboard: $(STAMP)
 	$(VENV)/bin/marbench leaderboard

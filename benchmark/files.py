@@ -1,5 +1,6 @@
 """File helpers shared by every writer of the suite: atomic writes (a crash never leaves half a file under the
-final name) and sha256 digests of files."""
+final name), sha256 digests of files, and the provenance that fingerprints and records carry (digests of the
+installed source, library versions)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,10 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_json", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_json", "sha256_file", "source_digest", "library_versions"]
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes | str) -> None:
@@ -20,6 +24,8 @@ def atomic_write(path: str | os.PathLike, payload: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes the file private (0600); a result or page must be as readable as any file written here
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,3 +44,39 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(2**20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def source_digest(packages=(), modules=()) -> dict[str, str]:
+    """sha256 of each ``.py`` file of the installed ``packages`` (recursively) and of the ``modules``, keyed by
+    its module path (``marbench/physics/geometry.py``), sorted.
+
+    Raises:
+        ModuleNotFoundError: a package or module that is not importable.
+    """
+    import importlib
+
+    files: dict[str, str] = {}
+    for name in packages:
+        module = importlib.import_module(name)
+        # a package whose folders are mapped apart (marbench, marbench.methods, marbench.datasets) has one per name
+        folders = [Path(p) for p in getattr(module, "__path__", [Path(module.__file__).parent])]
+        for folder in folders:
+            for f in sorted(folder.rglob("*.py")):
+                if "__pycache__" not in f.parts:
+                    files[name.replace(".", "/") + "/" + f.relative_to(folder).as_posix()] = sha256_file(f)
+    for name in modules:
+        files[name.replace(".", "/") + ".py"] = sha256_file(importlib.import_module(name).__file__)
+    return dict(sorted(files.items()))
+
+
+def library_versions(names, missing: str | None = None) -> dict[str, str | None]:
+    """The installed version of each distribution in ``names`` (``missing`` for one that is not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = missing
+    return out

@@ -16,7 +16,6 @@ Emirdagi et al. Fig. 2 style), the paper-vs-ours tables that methods declare (``
 """
 from __future__ import annotations
 
-import html
 import os
 import tempfile
 from collections import defaultdict
@@ -30,6 +29,7 @@ from marbench.evaluation.records import Record, read_record
 from marbench.evaluation.statistics import bootstrap_ci, paired_wilcoxon
 from marbench.files import atomic_write
 from marbench.method import METHODS, PaperTable
+from marbench.page import PageTable, render_page
 
 __all__ = ["build_leaderboards", "check_leaderboards", "merge_records", "paper_table_markdown", "Row",
            "TABLE_NAME"]
@@ -343,7 +343,8 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
         stem = TABLE_NAME.format(dataset=dataset, protocol=protocol)
         display, numeric, pvalues, shown = _table(rs)
         categories = sorted({c for r in rs for c in r.metrics["per_category"]})
-        per_cat = [f"\n#### {c}\n\n" + _markdown(_table(rs, c)[0]) for c in categories]
+        cat_tables = {c: _table(rs, c) for c in categories}
+        per_cat = [f"\n#### {c}\n\n" + _markdown(cat_tables[c][0]) for c in categories]
         md = (f"### {dataset} / {protocol}\n\n" + _caption(dataset, protocol, rs, _rows(rs)) + _markdown(display)
               + "\nPaired Wilcoxon signed-rank p-value against the best row (or the best mean where no row is best "
                 "across seeds), same slices:\n\n" + _pvalue_markdown(pvalues)
@@ -352,7 +353,8 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
         for path, text in ((root / f"{stem}.md", md), (root / f"{stem}.csv", csv_table.to_csv(float_format="%.6g"))):
             atomic_write(path, text)
             written.append(path)
-        sections.append((stem, display))
+        sections.append((dataset, protocol, rs, [(None, display, numeric)]
+                         + [(c, t[0], t[1]) for c, t in cat_tables.items()]))
         for table in paper_tables:
             if table.protocol != protocol:
                 continue
@@ -372,10 +374,18 @@ def build_leaderboards(root: str | os.PathLike = "leaderboards", figures: bool =
             methods = [row.name for row in _rows([r for r in records if r.dataset["name"] == dataset])]
             if _panel(root / "results", dataset, methods, panel):
                 written.append(panel)
-        body = "".join(f"<h2>{html.escape(stem)}</h2>{d.to_html(escape=True)}"
-                       f"<img src='figures/{html.escape(stem)}.png'>" for stem, d in sections)
-        page = f"<!doctype html><meta charset='utf-8'><title>marbench leaderboard</title><h1>marbench</h1>{body}"
-        atomic_write(root / "index.html", page)
+        # link only what this build wrote: a stale figure of a dropped table would mislead
+        shown_files = set(written)
+        tables = []
+        for dataset, protocol, rs, views in sections:
+            chart = root / "figures" / f"{TABLE_NAME.format(dataset=dataset, protocol=protocol)}.png"
+            papers = [root / f"{dataset}__{t.name}.md" for t in paper_tables if t.protocol == protocol]
+            tables.append(PageTable(dataset, protocol, _caption(dataset, protocol, rs, _rows(rs)), rs, views,
+                                    chart=chart.relative_to(root).as_posix() if chart in shown_files else None,
+                                    paper_tables=[p.read_text() for p in papers if p in shown_files]))
+        panels = {p.name.removesuffix("__panel.png"): p.relative_to(root).as_posix() for p in written
+                  if p.name.endswith("__panel.png")}
+        atomic_write(root / "index.html", render_page(tables, panels))
         written.append(root / "index.html")
     return written
 

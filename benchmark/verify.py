@@ -13,7 +13,8 @@ the package versions. ``verify_records``
    of an older version that it still defines, ``get_protocol(name, version)``, is re-run under that version);
 3. re-runs each row from its configuration (the evaluator restricted to the records' protocols, writing to a
    temporary folder; ``data_root`` replaces the data folder): ``fit`` with the record's seed if the method is
-   trainable, then the test split and, for protocols that score them, the metal sweeps, as ``marbench bench``;
+   trainable, then the test split and, for protocols that score them, the metal sweeps, as the grid runner
+   (``marbench grid``) does;
 4. compares every value of the new record with the committed one: each slice's metrics and metadata, the overall
    and per-category mean, std and count, the set-level metrics.
 
@@ -32,9 +33,10 @@ import math
 import sys
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterable
+
+from marbench.files import library_versions
 
 __all__ = ["Tolerance", "DEFAULT_TOLERANCE", "TOLERANCES", "tolerance_for", "VerifyRow", "VerifyRefused",
            "compare_records", "check_inputs", "package_differences", "verify_records", "format_table", "main"]
@@ -222,11 +224,10 @@ def compare_records(committed, rerun, default: Tolerance = DEFAULT_TOLERANCE) ->
 def package_differences(record) -> list[str]:
     """The packages whose installed version differs from the record's manifest (``name: recorded -> installed``)."""
     out = []
-    for name, recorded in sorted(record.manifest.get("packages", {}).items()):
-        try:
-            installed = version(name)
-        except PackageNotFoundError:
-            installed = None
+    recorded_versions = record.manifest.get("packages", {})
+    installed_versions = library_versions(sorted(recorded_versions))
+    for name, recorded in sorted(recorded_versions.items()):
+        installed = installed_versions[name]
         if installed != recorded:
             out.append(f"{name}: {recorded} -> {installed}")
     return out
@@ -421,8 +422,8 @@ def verify_records(paths: list[Path], *, data_root: str | None = None, workdir: 
             are not the record's (checked for every row before any runs), a re-run wrote no record, or the
             re-run used other protocol weights (a segmenter trained here) than the record's.
     """
-    from marbench.bench import evaluate_row
     from marbench.evaluation.records import read_record
+    from marbench.row import evaluate_row
 
     records = []
     for p in paths:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from marbench.bench import BASE_CONFIG, row_configs
 from marbench.lightning_cli import build_cli
+from marbench.row import BASE_CONFIG, row_configs
 
 ROOT = Path(__file__).parents[1]
-ROWS = row_configs(sorted((ROOT / "configs" / "bench").glob("[!_]*.yaml")))
+ROWS = row_configs(ROOT / "configs" / "bench")
 GPU = sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
 
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from marbench.bench import run_row
 from marbench.evaluation.records import read_record
+from marbench.grid import load_grid, run_grid
 from marbench.verify import (
     EXIT_DISAGREE,
     EXIT_REFUSED,
@@ -18,48 +18,18 @@ from marbench.verify import (
     tolerance_for,
     verify_records,
 )
-
-
-def _grid(root, benchmark, protocols: str):
-    configs = root / "configs" / "bench"
-    configs.mkdir(parents=True)
-    (configs / "_base.yaml").write_text(f"""
-seed_everything: 0
-data:
-  class_path: marbench.datasets.aapm.AAPMCTMARDataModule
-  init_args:
-    root: {benchmark}
-    split: {benchmark / 'split.txt'}
-    anatomy: [body]
-    keys: [ma_image, gt_image, metal_mask]
-    batch_size: 2
-trainer:
-  accelerator: cpu
-  deterministic: true
-  logger: false
-  enable_progress_bar: false
-  enable_checkpointing: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: marbench.evaluation.evaluator.Evaluator
-      init_args: {{protocols: {protocols}, dataset: tiny, out_dir: {root / 'results'}}}
-""")
-    return configs
+from tests.conftest import LI_ROW, write_tiny_grid
 
 
 @pytest.fixture(scope="module")
 def li_records(tiny_benchmark, tmp_path_factory):
-    """A LI row of the tiny benchmark run by ``marbench bench``'s ``run_row`` (aapm-hu and editmar records)."""
+    """A LI row of the tiny benchmark run by the grid runner (aapm-hu and editmar records)."""
     out, _ = tiny_benchmark
-    grid = tmp_path_factory.mktemp("verify-grid")
-    configs = _grid(grid, out, "[aapm-hu, editmar]")
-    (configs / "li.yaml").write_text("""
-model: {class_path: marbench.methods.classic.LinearInterpolation}
-data:
-  init_args: {keys: [ma_image, gt_image, metal_mask, li_image]}
-""")
-    run_row(configs / "li.yaml", base=configs / "_base.yaml", checkpoints=grid / "runs")
-    return sorted((grid / "results").glob("tiny__li__*.json"))
+    folder = tmp_path_factory.mktemp("verify-grid")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        run_grid(load_grid(write_tiny_grid(folder, out, {"li": LI_ROW})), leaderboard=False)
+    return sorted((folder / "board" / "results").glob("tiny__li__*.json"))
 
 
 def _copy(records, tmp_path):
@@ -171,19 +141,17 @@ def test_compare_records_names_missing_slices(li_records):
     assert a.slices[0]["slice_id"] in bad.where
 
 
-def test_a_trained_row_is_retrained_with_its_seed_and_reproduces(tiny_benchmark, tmp_path, capsys):
-    out, _ = tiny_benchmark
-    configs = _grid(tmp_path, out, "[editmar]")
-    (configs / "unet.yaml").write_text("""
+def test_a_trained_row_is_retrained_with_its_seed_and_reproduces(tiny_grid, tmp_path, capsys):
+    unet = """
 model:
   class_path: marbench.methods.unet.ResidualUNet
   init_args: {base: 4, depth: 2, lr: 0.01}
 data:
   init_args: {keys: [ma_image, li_image, gt_image, metal_mask]}
 trainer: {max_epochs: 1, limit_val_batches: 0}
-""")
-    run_row(configs / "unet.yaml", base=configs / "_base.yaml", checkpoints=tmp_path / "runs", seed=1)
-    record = tmp_path / "results" / "tiny__unet__editmar__seed1.json"
+"""
+    run_grid(load_grid(tiny_grid({"unet": unet}, protocols="[editmar]", seeds={"unet": "[1]"})), leaderboard=False)
+    record = tmp_path / "board" / "results" / "tiny__unet__editmar__seed1.json"
     rows, ok = verify_records([record], workdir=tmp_path / "work")
     assert ok, format_table(rows, only_failures=True)
     psnr = next(r for r in rows if r.metric == "psnr" and r.scope == "mean")
@@ -191,17 +159,10 @@ trainer: {max_epochs: 1, limit_val_batches: 0}
     assert "re-running unet (seed 1) for editmar" in capsys.readouterr().out
 
 
-def test_a_record_of_an_older_protocol_version_is_rerun_under_that_version(tiny_benchmark, tmp_path):
-    out, _ = tiny_benchmark
+def test_a_record_of_an_older_protocol_version_is_rerun_under_that_version(tiny_grid, tmp_path):
     v1 = "{class_path: marbench.evaluation.protocols.AAPMHU, init_args: {version: '1', scale_max: 20000.0}}"
-    configs = _grid(tmp_path, out, f"[{v1}]")
-    (configs / "li.yaml").write_text("""
-model: {class_path: marbench.methods.classic.LinearInterpolation}
-data:
-  init_args: {keys: [ma_image, gt_image, metal_mask, li_image]}
-""")
-    run_row(configs / "li.yaml", base=configs / "_base.yaml", checkpoints=tmp_path / "runs")
-    record = tmp_path / "results" / "tiny__li__aapm-hu__seed0.json"
+    run_grid(load_grid(tiny_grid({"li": LI_ROW}, protocols=f"[{v1}]")), leaderboard=False)
+    record = tmp_path / "board" / "results" / "tiny__li__aapm-hu__seed0.json"
     data = json.loads(record.read_text())
     assert data["protocol"]["version"] == "1" and data["protocol"]["scale_max"] == 20000.0
     assert verify_records([record], workdir=tmp_path / "a")[1]  # configured by class_path

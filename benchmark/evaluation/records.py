@@ -12,12 +12,11 @@ import os
 import platform
 import subprocess
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pandas as pd
 
-from marbench.files import atomic_write_json
+from marbench.files import atomic_write_json, library_versions
 
 __all__ = ["RECORD_VERSION", "Record", "build_record", "read_record", "record_name", "manifest", "aggregate"]
 
@@ -98,12 +97,7 @@ def _git(*args: str) -> str | None:
 
 def manifest(config: dict | None, seed: int, device: str, world_size: int, timings: dict) -> dict:
     """The reproducibility manifest of a run (git state read from the source checkout, if any)."""
-    packages = {}
-    for name in _PACKAGES:
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = None
+    packages = library_versions(_PACKAGES)
     # the code and configs that made the run; the leaderboard outputs a bench run writes do not count
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)leaderboards")
     return {

@@ -34,7 +34,6 @@ import io
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from marbench.files import atomic_write, atomic_write_json, sha256_file
+from marbench.files import atomic_write, atomic_write_json, library_versions, sha256_file, source_digest
 from marbench.physics import Projector, SimulationConfig, preset, simulate_scan
 from marbench.physics.metal_masks import fractal_shape
 from marbench.physics.spectrum import MATERIALS, effective_energy_kev
@@ -275,28 +274,11 @@ def code_digest() -> dict[str, str]:
     (``marbench/physics/geometry.py``, ...), sorted: the ``.py`` files of ``marbench.physics`` and
     ``marbench.datasets.synthetic``, ``marbench/datasets/aapm_format.py`` and ``marbench/files.py``, read from the
     installed package paths."""
-    import importlib
-
-    files: dict[str, str] = {}
-    for name in _CODE_PACKAGES:
-        folder = Path(importlib.import_module(name).__file__).parent
-        for f in sorted(folder.rglob("*.py")):
-            if "__pycache__" not in f.parts:
-                rel = f.relative_to(folder).as_posix()
-                files[name.replace(".", "/") + "/" + rel] = sha256_file(f)
-    for name in _CODE_MODULES:
-        files[name.replace(".", "/") + ".py"] = sha256_file(importlib.import_module(name).__file__)
-    return dict(sorted(files.items()))
+    return source_digest(_CODE_PACKAGES, _CODE_MODULES)
 
 
 def _library_versions(names=_LIBRARIES) -> dict[str, str]:
-    out = {}
-    for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = "absent"
-    return out
+    return library_versions(names, missing="absent")
 
 
 def fingerprint_parts(preset_name: str, seed: int) -> dict:

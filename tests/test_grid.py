@@ -1,0 +1,186 @@
+"""The grid runner: a grid file expands into jobs, finished jobs are not re-run, a job killed with SIGKILL leaves
+no record and is re-done (training resumes from Lightning's last checkpoint), submitit's executors give the same
+records as the local one, and the smoke grid covers every row config and registered method."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from marbench.evaluation.records import read_record
+from marbench.grid import GridTask, job_done, job_key, load_grid, run_grid
+from tests.conftest import LI_ROW, UNCORRECTED_ROW
+
+ROOT = Path(__file__).parents[1]
+ABLATION_ROWS = {"sscd_joint", "sscd_sinonet", "sscd_sinonet_fbpcons"}  # Yu et al. Table I, one seed each
+# a small U-Net trained for a few epochs of two batches: long enough to be killed mid-training
+UNET_ROW = """
+model:
+  class_path: marbench.methods.unet.ResidualUNet
+  init_args: {base: 4, depth: 2, lr: 0.001}
+data:
+  init_args: {keys: [ma_image, li_image, gt_image, metal_mask]}
+trainer: {max_epochs: 12, limit_train_batches: 2, limit_val_batches: 0}
+"""
+
+
+def _timeless(value):
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return value
+
+
+def _records(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*")) if p.is_file()}
+
+
+def test_a_grid_expands_into_jobs_with_seeds_and_protocols(tiny_grid):
+    path = tiny_grid({"li": LI_ROW, "unet": UNET_ROW}, seeds={"unet": "[0, 1, 2]"},
+                     extra="extra_seed_protocols: [aapm-hu]")
+    grid = load_grid(path)
+    jobs = grid.jobs()
+    assert [j.id for j in jobs] == ["tiny__li__seed0", "tiny__unet__seed0", "tiny__unet__seed1", "tiny__unet__seed2"]
+    assert [j.protocols for j in jobs] == [None, None, ("aapm-hu",), ("aapm-hu",)]
+    assert [j.example for j in jobs] == [True, True, False, False]
+    assert grid.job("tiny__unet__seed2").seed == 2
+    with pytest.raises(KeyError, match="no job 'tiny__unet__seed7'"):
+        grid.job("tiny__unet__seed7")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("colour: red", r"unknown keys \['colour'\]"),
+    ("seeds: []", "seeds must be a non-empty list of integers, found \\[\\]"),
+    ("seeds: [1, 1]", "seeds must be distinct"),
+    ("executor: {name: kubernetes}", "executor.name must be one of"),
+])
+def test_a_bad_grid_file_is_refused_with_what_was_expected(tiny_grid, change, message):
+    path = tiny_grid({"li": LI_ROW})
+    path.write_text(path.read_text() + change + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_grid(path)
+
+
+def test_a_row_of_an_unknown_dataset_or_a_missing_config_is_refused(tiny_grid):
+    path = tiny_grid({"li": LI_ROW})
+    text = path.read_text()
+    path.write_text(text.replace("li.yaml}", "li.yaml, datasets: [aapm]}"))
+    with pytest.raises(ValueError, match=r"names datasets \['aapm'\]; the grid's datasets are \['tiny'\]"):
+        load_grid(path)
+    path.write_text(text.replace("li.yaml", "nope.yaml"))
+    with pytest.raises(FileNotFoundError, match="config configs/bench/nope.yaml not found"):
+        load_grid(path)
+
+
+def test_finished_jobs_are_not_re_run_and_a_changed_row_is(tiny_grid, tmp_path):
+    path = tiny_grid({"uncorrected": UNCORRECTED_ROW, "li": LI_ROW})
+    grid = load_grid(path)
+    first = run_grid(grid)
+    assert not any(m.get("skipped") for k, m in first.items() if k != "simulate")
+    records = _records(tmp_path / "board" / "results")
+    assert sorted(records) == [f"tiny__{m}__{f}" for m in ("li", "uncorrected")
+                               for f in ("aapm-hu__seed0.json", "editmar__seed0.json", "example.npz")]
+    assert (tmp_path / "board" / "tiny__aapm-hu.md").is_file()  # the leaderboard was rebuilt
+    assert all(job_done(grid, j) for j in grid.jobs())
+    second = run_grid(grid)
+    assert all(second[j.id] == {"skipped": True} for j in grid.jobs())
+    assert _records(tmp_path / "board" / "results") == records
+    # a changed row config, or a record edited by hand, makes its job out of date; the other job stays done
+    li = grid.job("tiny__li__seed0")
+    before = job_key(grid, li)
+    (tmp_path / "configs" / "bench" / "li.yaml").write_text(LI_ROW + "# changed\n")
+    assert job_key(grid, li) != before and not job_done(grid, li)
+    assert job_done(grid, grid.job("tiny__uncorrected__seed0"))
+    third = run_grid(grid)
+    assert third["tiny__uncorrected__seed0"] == {"skipped": True} and not third["tiny__li__seed0"].get("skipped")
+    record = tmp_path / "board" / "results" / "tiny__uncorrected__editmar__seed0.json"
+    record.write_text(record.read_text() + " ")
+    assert not job_done(grid, grid.job("tiny__uncorrected__seed0"))
+
+
+def _wait_for(predicate, proc, timeout_s=300.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the grid finished (exit {proc.returncode}) before it could be killed: "
+                                 f"{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the grid")
+        time.sleep(0.02)
+
+
+def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid, tmp_path):
+    path = tiny_grid({"uncorrected": UNCORRECTED_ROW, "unet": UNET_ROW})
+    grid = load_grid(path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "marbench.cli", "grid", str(path)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done_marker = grid.marker(grid.job("tiny__uncorrected__seed0"))
+    last = grid.checkpoints(grid.job("tiny__unet__seed0")) / "last.ckpt"
+    _wait_for(lambda: done_marker.is_file() and last.is_file(), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    killed = _records(tmp_path / "board" / "results")
+    # the finished job's records are all there, the killed job's none, and no half-written file
+    assert sorted(killed) == sorted(json.loads(done_marker.read_text())["records"])
+    assert not any("unet" in name or name.endswith(".tmp") for name in killed)
+    assert not grid.marker(grid.job("tiny__unet__seed0")).exists()
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert re.search(r"tiny__uncorrected__seed0 +up to date", rerun.stdout), rerun.stdout
+    assert f"tiny__unet__seed0: resuming training from {last}" in rerun.stdout
+    after = _records(tmp_path / "board" / "results")
+    assert {k: v for k, v in after.items() if k in killed} == killed  # the finished job was not re-run
+    assert sorted(after) == sorted(killed) + ["tiny__unet__aapm-hu__seed0.json", "tiny__unet__editmar__seed0.json",
+                                              "tiny__unet__example.npz"]
+    assert all(job_done(grid, j) for j in grid.jobs())
+    assert grid.weights(grid.job("tiny__unet__seed0")).is_file() and not last.exists()
+
+
+@pytest.mark.parametrize("executor", ["submitit-local", "submitit-debug"])
+def test_submitit_executors_give_the_local_executor_s_records(tiny_grid, tmp_path, executor):
+    path = tiny_grid({"uncorrected": UNCORRECTED_ROW, "li": LI_ROW})
+    local = run_grid(load_grid(path), "local", leaderboard=False)
+    expected = {p.name: read_record(p) for p in (tmp_path / "board" / "results").glob("*.json")}
+    path.write_text(path.read_text().replace("leaderboard: board", "leaderboard: board2").replace("work_dir: work",
+                                                                                             "work_dir: work2"))
+    other = run_grid(load_grid(path), executor, leaderboard=False)
+    got = {p.name: read_record(p) for p in (tmp_path / "board2" / "results").glob("*.json")}
+    assert sorted(got) == sorted(expected) and len(got) == 4
+    for name, record in got.items():  # every value but the wall times
+        assert _timeless(record.metrics) == _timeless(expected[name].metrics), name
+        assert _timeless(record.slices) == _timeless(expected[name].slices), name
+    assert other.keys() == local.keys()
+    if executor == "submitit-local":
+        assert list((tmp_path / "work2" / "submitit").glob("*/*_log.out"))  # the jobs ran as submitit processes
+
+
+def test_a_preempted_job_is_resubmitted_as_itself(tmp_path):
+    task = GridTask("configs/grids/tiny.yaml", tmp_path)
+    again = task.checkpoint("tiny__unet__seed0")
+    assert again.args == ("tiny__unet__seed0",)
+    assert again.function.grid_file == task.grid_file and again.function.cwd == task.cwd
+
+
+def test_the_smoke_grid_covers_every_row_config_and_registered_method(monkeypatch):
+    from marbench.lightning_cli import build_cli
+    from marbench.method import METHODS
+    from marbench.row import row_configs
+
+    monkeypatch.chdir(ROOT)
+    grid = load_grid(ROOT / "configs" / "grids" / "smoke.yaml")
+    assert {r.config.name for r in grid.rows} == {p.name for p in row_configs()}
+    classes = set()
+    for row in grid.rows:
+        cli = build_cli(["--config", str(grid.base), "--config", str(row.config)], run=False)
+        classes.add(type(cli.model))
+        if cli.model.card.trainable and row.config.stem not in ABLATION_ROWS:
+            assert len(row.seeds) >= 3, f"{row.config.name}: a trainable main row needs three training seeds"
+    assert {cls for _, cls in METHODS.items()} <= classes
