@@ -406,7 +406,7 @@ class Perceptual(Protocol):
         with torch.no_grad():  # one RadImageNet pass per image serves LPIPS-Rad and the FID-Rad features
             fp = bb.radimagenet.layer4(p)
             scores = {"lpips": bb.lpips(p, t).double(),
-                      "lpips_rad": layer4_distance(fp, bb.radimagenet.layer4(t)).double()}
+                      "lpips_rad": layer4_distance(fp, bb.radimagenet.reference_layer4(t)).double()}
             return scores, {"fid": bb.inception(p), "fid_rad": fp.mean(dim=(2, 3))}
 
     def score(self, pred_hu, batch):
@@ -430,13 +430,15 @@ class Segmentation(Protocol):
     """``segmentation`` (downstream task, as Han et al., "Reducing CT Metal Artifacts by Learning Latent Space
     Alignment with Gemstone Spectral Imaging Data", Table 2): a tissue-segmentation network trained once on the
     clean images of the split's training part (``segmentation.SegmentationRecipe``) segments each restored image;
-    ``iou_<class>`` is each class's IoU per slice (torchmetrics; slices where the class is in neither map are
-    skipped) and ``miou`` their mean over the classes present. Needs ``tissue_labels`` (synthetic benchmark).
-    The record carries the segmenter's sha256, so rows are compared under one segmenter only.
+    ``iou_<class>`` is each class's IoU per slice (torchmetrics) over the slices whose label map holds the class
+    (``segmentation.segment``) and ``miou`` their mean over the classes present. Needs ``tissue_labels``
+    (synthetic benchmark). The record carries the segmenter's sha256, so rows are compared under one segmenter
+    only. Version 3: a class absent from a slice's label map no longer scores 0 there when a few pixels are
+    predicted as it (version 2 did; one stray pixel zeroed a slice).
     """
 
     name: str = "segmentation"
-    version: str = "2"
+    version: str = "3"
     recipe: SegmentationRecipe = field(default_factory=SegmentationRecipe)
     _datamodule: object = field(default=None, compare=False, repr=False)
     requires: ClassVar[tuple[str, ...]] = ("tissue_labels",)

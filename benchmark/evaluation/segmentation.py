@@ -24,7 +24,7 @@ from marbench.files import atomic_write, sha256_file
 from marbench.networks import UNet
 from marbench.physics.backends import default_cache_dir
 
-__all__ = ["SegmentationRecipe", "segmenter", "segment", "soft_dice_loss"]
+__all__ = ["SegmentationRecipe", "segmenter", "segment", "iou_of_maps", "soft_dice_loss"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ class SegmentationRecipe:
     batch, which keeps the small classes (bone, CSF) from being traded for the large ones (air: a pure cross-entropy
     segmenter never predicts them). ``steps`` Adam steps with a one-cycle learning rate on random
     ``crop_px`` x ``crop_px`` crops of the training slices with random left-right flips (the classes are
-    symmetric), fixed seed; inference on whole slices (the network is fully convolutional)."""
+    symmetric), fixed seed; inference on whole slices (the network is fully convolutional).
+
+    A share ``class_balanced`` of the crops is centred on a pixel of a class drawn uniformly from those in the
+    training split (nnU-Net's foreground oversampling, here over every class): lung is in few slices of the
+    benchmark (chest only), so uniform crops showed it too rarely to learn it from air."""
 
     class_names: tuple[str, ...] = ("air", "lung", "fat", "muscle", "organ", "cancellous_bone", "cortical_bone",
                                     "brain", "csf")  # label ids of datasets.synthetic.tissues
@@ -49,6 +53,7 @@ class SegmentationRecipe:
     batch_size: int = 16
     lr: float = 5e-3
     dice_weight: float = 1.0
+    class_balanced: float = 0.5
     seed: int = 0
 
     def network(self) -> torch.nn.Module:
@@ -128,19 +133,37 @@ def _train(net: torch.nn.Module, train_set, recipe: SegmentationRecipe, path: Pa
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps)
+    # which training slices hold each class, for the class-balanced crops
+    holders = [[] for _ in range(recipe.classes)]
+    for i in range(len(train_set)):
+        for c in train_set[i]["tissue_labels"].unique().tolist():
+            holders[c].append(i)
+    present = [c for c in range(recipe.classes) if holders[c]]
     net.train()
     total, every = 0.0, max(recipe.steps // 10, 1)
     for step in range(recipe.steps):
-        picks = torch.randint(len(train_set), (recipe.batch_size,), generator=gen).tolist()
-        slices = [train_set[i] for i in picks]
-        n = slices[0]["gt_image"].shape[-1]
-        crop = min(recipe.crop_px, n)
-        if crop % 2 ** recipe.depth:
-            raise ValueError(f"segmenter: crops of {crop} px do not pool {recipe.depth} times (slices of {n} px)")
-        corners = torch.randint(n - crop + 1, (recipe.batch_size, 2), generator=gen).tolist()
-        pairs = list(zip(slices, corners, strict=True))
-        image = torch.stack([s["gt_image"][:, y:y + crop, x:x + crop] for s, (y, x) in pairs])
-        labels = torch.stack([s["tissue_labels"][0, y:y + crop, x:x + crop] for s, (y, x) in pairs])
+        balanced = (torch.rand(recipe.batch_size, generator=gen) < recipe.class_balanced).tolist()
+        image, labels = [], []
+        for centred in balanced:
+            if centred:
+                c = present[int(torch.randint(len(present), (1,), generator=gen))]
+                s = train_set[holders[c][int(torch.randint(len(holders[c]), (1,), generator=gen))]]
+            else:
+                c, s = None, train_set[int(torch.randint(len(train_set), (1,), generator=gen))]
+            n = s["gt_image"].shape[-1]
+            crop = min(recipe.crop_px, n)
+            if crop % 2 ** recipe.depth:
+                raise ValueError(f"segmenter: crops of {crop} px do not pool {recipe.depth} times "
+                                 f"(slices of {n} px)")
+            if c is None:
+                y, x = torch.randint(n - crop + 1, (2,), generator=gen).tolist()
+            else:
+                pixels = (s["tissue_labels"][0] == c).nonzero()
+                cy, cx = pixels[int(torch.randint(len(pixels), (1,), generator=gen))].tolist()
+                y, x = min(max(cy - crop // 2, 0), n - crop), min(max(cx - crop // 2, 0), n - crop)
+            image.append(s["gt_image"][:, y:y + crop, x:x + crop])
+            labels.append(s["tissue_labels"][0, y:y + crop, x:x + crop])
+        image, labels = torch.stack(image), torch.stack(labels)
         flip = torch.rand(recipe.batch_size, generator=gen) < 0.5
         image = torch.where(flip[:, None, None, None], image.flip(-1), image)
         labels = torch.where(flip[:, None, None], labels.flip(-1), labels)
@@ -162,9 +185,25 @@ def _train(net: torch.nn.Module, train_set, recipe: SegmentationRecipe, path: Pa
 def segment(net: torch.nn.Module, recipe: SegmentationRecipe, restored_hu: torch.Tensor,
             labels: torch.Tensor) -> torch.Tensor:
     """Per-class IoU ``(B, classes)`` float64 of ``net``'s segmentation of restored images ``(B, 1, H, W)`` (HU)
-    against label maps ``(B, 1, H, W)`` (int64), torchmetrics ``mean_iou`` per class; NaN for a class in neither
-    map (undefined there, skipped by the means)."""
+    against label maps ``(B, 1, H, W)`` (int64), torchmetrics ``mean_iou`` per class; NaN for a class absent from
+    the slice's label map (skipped by the means), as MONAI's ``compute_iou(..., ignore_empty=True)``: a slice
+    without lung says nothing of how well lung is segmented, and pixels wrongly given a class there still lower
+    the IoU of the class they belong to.
+    """
     with torch.no_grad():
         pred = net.to(restored_hu.device)(recipe.inputs(restored_hu)).argmax(1)
-    per_class = mean_iou(pred, labels[:, 0], num_classes=recipe.classes, per_class=True, input_format="index")
-    return torch.where(per_class < 0, torch.full_like(per_class, float("nan")), per_class).double()
+    return iou_of_maps(pred, labels, recipe.classes)
+
+
+def iou_of_maps(pred: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Per-class IoU ``(B, classes)`` float64 of class maps ``pred`` ``(B, H, W)`` against ``labels``
+    ``(B, 1, H, W)``, NaN where the class is not in the slice's labels (``segment``).
+
+    >>> labels = torch.tensor([[[[0, 0], [1, 1]]]])
+    >>> pred = torch.tensor([[[0, 2], [1, 1]]])  # one air pixel called class 2, absent from the labels
+    >>> iou_of_maps(pred, labels, 3).tolist()
+    [[0.5, 1.0, nan]]
+    """
+    per_class = mean_iou(pred, labels[:, 0], num_classes=classes, per_class=True, input_format="index")
+    present = F.one_hot(labels[:, 0], classes).flatten(1, 2).any(1)
+    return torch.where(present, per_class, torch.full_like(per_class, float("nan"))).double()

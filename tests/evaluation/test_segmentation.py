@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,22 @@ def test_soft_dice_loss_against_a_hand_computation():
     assert float(soft_dice_loss(torch.zeros(1, 2, 2, 2), labels)) == pytest.approx(1 - (0.5 + 2 / 3) / 2)
     confident = 50 * torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
     assert float(soft_dice_loss(confident, labels)) < 1e-6
+
+
+def test_per_slice_iou_against_numpy_skipping_classes_absent_from_the_labels():
+    from marbench.evaluation.segmentation import iou_of_maps
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (3, 1, 16, 16), generator=gen)
+    labels[1][labels[1] == 3] = 0  # slice 1 has no class 3 ...
+    pred = torch.randint(0, 4, (3, 16, 16), generator=gen)
+    pred[1, 0, 0] = 3  # ... but a pixel predicted as it
+    got = iou_of_maps(pred, labels, 4).numpy()
+    for b in range(3):
+        for k in range(4):
+            truth, guess = labels[b, 0].numpy() == k, pred[b].numpy() == k
+            if not truth.any():
+                assert np.isnan(got[b, k])
+            else:
+                assert got[b, k] == pytest.approx((truth & guess).sum() / (truth | guess).sum(), abs=1e-6)
+    assert np.isnan(got[1, 3]) and not np.isnan(got[0, 3])
