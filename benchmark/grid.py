@@ -301,6 +301,18 @@ def _method_seconds(records: list[Path]) -> float:
     return float(sum(per_run.values()))
 
 
+def _build_job(grid: Grid, job: Job, out_dir: Path, protocols: list[str] | None = None):
+    """The row of ``job`` built on its dataset, under ``protocols`` (default: the job's), records to ``out_dir``."""
+    from marbench.row import build_row
+
+    chosen = protocols or (list(job.protocols) if job.protocols else None)
+    cli = build_row(job.config, grid.base, job.seed, example=job.example, protocols=chosen,
+                    overrides=job.overrides, dataset=job.dataset.name)
+    for ev in cli.evaluators():
+        ev.out_dir = out_dir
+    return cli
+
+
 def run_job(grid: Grid, job: Job, log=print) -> dict:
     """Run one job (see the module docstring) unless it is up to date; returns its marker (``{"key", "records",
     "seconds"}``), or ``{"skipped": True}``.
@@ -310,7 +322,7 @@ def run_job(grid: Grid, job: Job, log=print) -> dict:
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from marbench.row import build_row, evaluate_row
+    from marbench.row import evaluate_row
 
     key = job_key(grid, job)
     if job_done(grid, job, key):
@@ -319,11 +331,7 @@ def run_job(grid: Grid, job: Job, log=print) -> dict:
     t0 = time.perf_counter()
     staging = grid.staging(job)
     shutil.rmtree(staging, ignore_errors=True)  # records of an interrupted run of this job
-    cli = build_row(job.config, grid.base, job.seed, example=job.example,
-                    protocols=list(job.protocols) if job.protocols else None, overrides=job.overrides,
-                    dataset=job.dataset.name)
-    for ev in cli.evaluators():
-        ev.out_dir = staging
+    cli = _build_job(grid, job, staging)
     fit_s = 0.0
     if cli.model.card.trainable:
         ckpt_dir = grid.checkpoints(job)
@@ -478,17 +486,13 @@ def rerun(grid: Grid, only: list[str] | None = None, protocols: list[str] | None
     """
     import torch
 
-    from marbench.row import build_row, evaluate_row
+    from marbench.row import evaluate_row
 
     done = []
     for job in grid.jobs():
         if only and job.id not in only and job.config.stem not in only:
             continue
-        chosen = protocols or (list(job.protocols) if job.protocols else None)
-        cli = build_row(job.config, grid.base, job.seed, example=job.example, protocols=chosen,
-                        overrides=job.overrides, dataset=job.dataset.name)
-        for ev in cli.evaluators():
-            ev.out_dir = grid.results
+        cli = _build_job(grid, job, grid.results, protocols)
         if cli.model.card.trainable:
             weights = grid.weights(job)
             if not weights.is_file():

@@ -184,3 +184,17 @@ def test_the_smoke_grid_covers_every_row_config_and_registered_method(monkeypatc
         if cli.model.card.trainable and row.config.stem not in ABLATION_ROWS:
             assert len(row.seeds) >= 3, f"{row.config.name}: a trainable main row needs three training seeds"
     assert {cls for _, cls in METHODS.items()} <= classes
+
+
+def test_rerun_re_evaluates_a_trained_job_from_its_weights_under_other_protocols(tiny_grid, tmp_path):
+    from marbench.grid import rerun
+
+    grid = load_grid(tiny_grid({"unet": UNET_ROW.replace("max_epochs: 12", "max_epochs: 1")},
+                               protocols="[editmar]"))
+    with pytest.raises(FileNotFoundError, match="tiny__unet__seed0.ckpt not found"):
+        rerun(grid)
+    run_grid(grid, leaderboard=False)
+    assert not (tmp_path / "board" / "results" / "tiny__unet__aapm-hu__seed0.json").exists()
+    assert rerun(grid, protocols=["aapm-hu"]) == ["tiny__unet__seed0"]
+    record = read_record(tmp_path / "board" / "results" / "tiny__unet__aapm-hu__seed0.json")
+    assert record.protocol["name"] == "aapm-hu" and record.method["name"] == "unet"
