@@ -43,6 +43,7 @@ perf: $(STAMP)
 	$(VENV)/bin/python perf/simulation_speed.py
 	$(VENV)/bin/python perf/sscd_training_step.py
 	$(VENV)/bin/python perf/evaluator_speed.py
+	$(VENV)/bin/python perf/dudocrop_inference.py
 
 data: $(STAMP)
 	$(VENV)/bin/marbench simulate --preset smoke --out data/smoke

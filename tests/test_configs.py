@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from marbench.datasets.batch import METADATA_KEYS
 from marbench.lightning_cli import build_cli
 from marbench.row import BASE_CONFIG, row_configs
 
@@ -24,10 +25,11 @@ def _class(path: str):
 def test_bench_rows_build_over_the_base(config):
     cli = build_cli(["--config", str(ROOT / BASE_CONFIG), "--config", str(config)], run=False)
     assert cli.model.card.name and len(cli.evaluators()) == 1
-    assert set(cli.model.card.inputs) - {"geometry", "anatomy", "fov_mm"} <= set(cli.datamodule.keys), \
+    # the per-slice metadata (slice id, category, anatomy, geometry, field of view) comes with every batch
+    assert set(cli.model.card.inputs) - set(METADATA_KEYS) <= set(cli.datamodule.keys), \
         f"{config.name}: the data keys miss inputs the method declares"
     if cli.model.card.trainable:
-        assert set(cli.model.card.training_inputs) <= set(cli.datamodule.keys)
+        assert set(cli.model.card.training_inputs) - set(METADATA_KEYS) <= set(cli.datamodule.keys)
 
 
 @pytest.mark.parametrize("config", GPU, ids=[c.name for c in GPU])

@@ -18,6 +18,7 @@ MODULES = [
     "marbench.evaluation.segmentation",
     "marbench.datasets.sweeps",
     "marbench.verify",
+    "marbench.methods.dudocrop.captions",
 ]
 
 

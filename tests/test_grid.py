@@ -17,7 +17,11 @@ from marbench.grid import GridTask, job_done, job_key, load_grid, run_grid
 from tests.conftest import LI_ROW, UNCORRECTED_ROW
 
 ROOT = Path(__file__).parents[1]
-ABLATION_ROWS = {"sscd_joint", "sscd_sinonet", "sscd_sinonet_fbpcons"}  # Yu et al. Table I, one seed each
+# one seed each: Yu et al. Table I; DuDoCROP's Table V, Fig. 12 and Table II
+ABLATION_ROWS = {"sscd_joint", "sscd_sinonet", "sscd_sinonet_fbpcons",
+                 "dudocrop_image_sde", "dudocrop_image_sde_norm", "dudocrop_sino_sde", "dudocrop_sino_sde_fidelity",
+                 "dudocrop_fusion", "dudocrop_no_embedding", "dudocrop_image_embedding", "dudocrop_control_embedding",
+                 "dudocrop_direct_prompts"}
 # a small U-Net trained for a few epochs of two batches: long enough to be killed mid-training
 UNET_ROW = """
 model:

@@ -192,6 +192,39 @@ def test_reverse_sde_with_true_score_tracks_the_forward_marginals():
             assert 0.95 < ratio < 1.1, (t - 1, ratio)
 
 
+def test_posterior_sampler_with_true_noise_returns_the_clean_image_for_few_steps():
+    """With the exact noise the posterior sampler's F^_0 is F_0 at every step, and its last step (posterior variance
+    0 at t = 1) lands on it; Euler-Maruyama at T = 4 is far off (steps with gamma'_t > 2)."""
+    for T in (2, 4, 100):
+        sde = IRSDE(T=T)
+        x0, mu, _ = _states(3)
+
+        def true_noise(x, m, t, sde=sde, x0=x0):
+            return sde.true_noise(x, x0, m, t)
+
+        out = sde.sample(mu, true_noise, generator=torch.Generator().manual_seed(0), sampler="posterior")
+        assert torch.allclose(out, x0, atol=1e-9), (T, float((out - x0).abs().max()))
+        assert float(sde.posterior_variance(1)) == 0.0
+    euler = IRSDE(T=4).sample(mu, lambda x, m, t: IRSDE(T=4).true_noise(x, x0, m, t),
+                              generator=torch.Generator().manual_seed(0))
+    assert (euler - x0).abs().mean() > 0.05
+
+
+def test_posterior_variance_is_the_gaussian_conditional_variance():
+    """Var(F_{t-1} | F_t, F_0) from the joint Gaussian of the two marginals (Eq. 6 and the transition
+    F_t = mu + (F_{t-1} - mu) a_t + N(0, lambda^2 (1 - a_t^2)), a_t = exp(-gamma'_t)) by numpy."""
+    sde = IRSDE(T=10)
+    lam2 = sde.lambda_unit**2
+    for t in (1, 2, 5, 10):
+        v_prev = lam2 * (1 - np.exp(-2 * float(sde.gamma_bars[t - 1])))
+        a = np.exp(-float(sde.thetas[t]) * sde.dt)
+        cov = np.array([[v_prev, a * v_prev], [a * v_prev, a * a * v_prev + lam2 * (1 - a * a)]])
+        conditional = cov[0, 0] - cov[0, 1] ** 2 / cov[1, 1]
+        assert float(sde.posterior_variance(t)) == pytest.approx(conditional, rel=1e-9, abs=1e-15)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sde.sample(torch.zeros(1, 1, 4, 4), lambda x, m, t: x, sampler="ddim")
+
+
 def test_sampler_is_deterministic_and_batch_invariant():
     sde = IRSDE(T=20)
     x0, mu, _ = _states(5, shape=(3, 1, 12, 12))
