@@ -196,7 +196,8 @@ def _pvalue_markdown(pvalues: pd.DataFrame) -> str:
 
 def paper_table_markdown(table: PaperTable, dataset: str, records: list[Record]) -> str | None:
     """The paper-vs-ours table of ``table`` from one (dataset, ``table.protocol``)'s records, or None when none of
-    its rows has a record. Ours: mean over slices (and training seeds) [95 % bootstrap interval]."""
+    its rows has a record. Ours: mean over slices (and training seeds) [95 % bootstrap interval]; a set-level
+    metric (one value per record, e.g. PI_q) is its mean over training seeds."""
     rows = {r.name: r for r in _rows(records)}
     present = [(name, label) for name, label in table.rows if name in rows]
     if not present:
@@ -215,13 +216,18 @@ def paper_table_markdown(table: PaperTable, dataset: str, records: list[Record])
         cells = []
         for m in metrics:
             d = specs[m]["digits"]
-            v = rows[name].values(m)
-            lo, hi = bootstrap_ci(v.to_numpy())
             paper = table.values.get(label, {}).get(m)
-            cells += [f"{v.mean():.{d}f} ± {v.std(ddof=0):.{d}f} [{lo:.{d}f}, {hi:.{d}f}]",
-                      "—" if paper is None else f"{paper:.{d}f}"]
+            if specs[m]["level"] == "set":  # one value per record (PI_q, FID): the mean over training seeds
+                cells.append(f"{rows[name].set_values(m).mean():.{d}f}")
+            else:
+                v = rows[name].values(m)
+                lo, hi = bootstrap_ci(v.to_numpy())
+                cells.append(f"{v.mean():.{d}f} ± {v.std(ddof=0):.{d}f} [{lo:.{d}f}, {hi:.{d}f}]")
+            cells.append("—" if paper is None else f"{paper:.{d}f}")
         if table.order_metric:
-            means[label] = float(rows[name].values(table.order_metric).mean())
+            order = table.order_metric
+            means[label] = float(rows[name].set_values(order).mean() if specs[order]["level"] == "set"
+                                 else rows[name].values(order).mean())
         lines.append(f"| {label} | {name} | {len(rows[name].records)} | " + " | ".join(cells) + " |")
     if table.order_metric and len(present) == len(table.rows):
         labels = [label for _, label in table.rows]
