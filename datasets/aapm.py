@@ -33,7 +33,7 @@ from marbench.physics import Geometry, Projector, geometry_key, li_correction, m
 from marbench.physics.backends import default_cache_dir
 
 from .aapm_format import ANATOMIES, AAPMCase, case_files, discover_cases, read_raw, write_raw
-from .batch import TENSOR_KEYS
+from .batch import TENSOR_KEYS, seeded_loader
 from .splits import read_split
 
 __all__ = ["ALL_KEYS", "SYNTHETIC_KEYS", "AAPMCTMARDataset", "AAPMCTMARDataModule", "geometries_for_root"]
@@ -222,12 +222,7 @@ class AAPMCTMARDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.datasets:
             raise ValueError(f"split {name!r} is not defined by {self.split_path}; defined: {sorted(self.datasets)}")
-        # the training order follows the run's seed (``seed_everything`` / ``--seed_everything`` sets
-        # PL_GLOBAL_SEED), 0 without one; a generator of its own keeps the order independent of how many random
-        # numbers the model drew, and Lightning seeds the workers from it (``seed_everything(workers=True)``)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed))
+        return seeded_loader(self.datasets[name], self.batch_size, shuffle, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

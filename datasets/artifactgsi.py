@@ -78,6 +78,8 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
+from .batch import seeded_loader
+
 __all__ = ["IMPLANT_TYPES", "LABEL_NAMES", "METAL_THRESHOLD_HU", "UNLABELLED", "ALL_KEYS", "SPLIT_FILE", "Patient",
            "scan_patients", "read_split_file", "split_patients", "ArtifactGSIDataset", "ArtifactGSIDataModule",
            "collate", "match_slices", "calibrate", "calibrate_volume"]
@@ -443,10 +445,7 @@ class ArtifactGSIDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.datasets:
             raise ValueError(f"{self.root}: the split has no part {name!r}; it has {sorted(self.datasets)}")
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=collate,
-                          generator=torch.Generator().manual_seed(seed))
+        return seeded_loader(self.datasets[name], self.batch_size, shuffle, self.num_workers, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

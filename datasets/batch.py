@@ -29,11 +29,13 @@ Datasets add their own keys beside these (documented where they are produced), e
 """
 from __future__ import annotations
 
-from typing import TypedDict
+import os
+from typing import Callable, TypedDict
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Batch", "IMAGE_KEYS", "SINOGRAM_KEYS", "TENSOR_KEYS", "METADATA_KEYS"]
+__all__ = ["Batch", "IMAGE_KEYS", "SINOGRAM_KEYS", "TENSOR_KEYS", "METADATA_KEYS", "seeded_loader"]
 
 IMAGE_KEYS = ("ma_image", "gt_image", "li_image", "metal_mask", "tissue_labels")
 SINOGRAM_KEYS = ("ma_sinogram", "gt_sinogram", "li_sinogram", "metal_trace")
@@ -58,3 +60,16 @@ class Batch(TypedDict, total=False):
     anatomy: list[str]
     geometry: list[str]
     fov_mm: torch.Tensor
+
+
+def seeded_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
+                  collate_fn: Callable | None = None) -> DataLoader:
+    """A ``DataLoader`` of ``dataset`` whose order follows the run's seed.
+
+    ``seed_everything`` / ``--seed_everything`` sets ``PL_GLOBAL_SEED`` (0 without one); a generator of the
+    loader's own keeps the order independent of how many random numbers the model drew, and Lightning seeds the
+    workers from it (``seed_everything(workers=True)``). ``collate_fn=None``: PyTorch's default collation.
+    """
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))

@@ -26,3 +26,13 @@ def fit_on_one_batch():
     """``fit(model, batch, steps)``: ``steps`` optimiser steps of ``model.training_step`` on the same batch through
     a Lightning Trainer (so that manual optimisation and schedulers run as in ``make bench``)."""
     return _fit_on_one_batch
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks run several times faster on one intra-op thread (less so on a loaded machine); the thread
+    count is restored after the test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

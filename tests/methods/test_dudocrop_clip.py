@@ -27,13 +27,7 @@ QSPD = ["(1, small, left, bright streaks)", "(2, large, centre, dark bands)", "(
         "(3, small, posterior, star streaks)", "(2, medium, anterior, blooming)"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny towers run faster on one intra-op thread (the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -12,13 +12,7 @@ from marbench.methods.dudocrop.unet import ConditionalUNet, SpatialTransformer
 TINY = dict(base=8, mults=(1, 2), head_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny networks run several times faster on one intra-op thread (less so on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(seed: int = 0, **kw) -> ConditionalUNet:

@@ -31,13 +31,7 @@ TINY_VAE = dict(k=K, latent_channels=LATENT, block_out_channels=(8, 16, 16), lay
 TINY_ALU = dict(latent_channels=LATENT, channels=(16, 32), blocks_per_level=1, heads=2, norm_groups=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny networks run fastest on one intra-op thread (the machine may be shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _phantoms(n: int, seed: int, streaks: bool) -> torch.Tensor:
