@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --no-cache-dir --upgrade pip
-	$(VENV)/bin/pip install -q --no-cache-dir -e '.[dev]'
+	$(VENV)/bin/pip install -q --no-cache-dir -e '.[dev,editor]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
@@ -44,6 +44,7 @@ perf: $(STAMP)
 	$(VENV)/bin/python perf/sscd_training_step.py
 	$(VENV)/bin/python perf/evaluator_speed.py
 	$(VENV)/bin/python perf/dudocrop_inference.py
+	$(VENV)/bin/python perf/editor_speed.py
 
 data: $(STAMP)
 	$(VENV)/bin/marbench simulate --preset smoke --out data/smoke

@@ -21,7 +21,10 @@ ROOT = Path(__file__).parents[1]
 ABLATION_ROWS = {"sscd_joint", "sscd_sinonet", "sscd_sinonet_fbpcons",
                  "dudocrop_image_sde", "dudocrop_image_sde_norm", "dudocrop_sino_sde", "dudocrop_sino_sde_fidelity",
                  "dudocrop_fusion", "dudocrop_no_embedding", "dudocrop_image_embedding", "dudocrop_control_embedding",
-                 "dudocrop_direct_prompts"}
+                 "dudocrop_direct_prompts",
+                 # the LoRA editor's Table 1-4 rows beside its main row lora_editor (N = 128, r = 64, no references)
+                 "lora_editor_multi", "lora_editor_multi_ens10", "lora_editor_grid", "lora_editor_n16",
+                 "lora_editor_n32", "lora_editor_n64", "lora_editor_r16", "lora_editor_r32", "lora_editor_r128"}
 # a small U-Net trained for a few epochs of two batches: long enough to be killed mid-training
 UNET_ROW = """
 model:
