@@ -23,9 +23,11 @@ browser:
 test: $(STAMP) browser
 	MARBENCH_REQUIRE_BROWSER=1 $(VENV)/bin/pytest
 
-# The smoke grid: resumable (a finished job is not re-run while its code, config and data are unchanged).
+# The smoke grid, then the ArtifactGSI grid: resumable (a finished job is not re-run while its code, config and
+# data are unchanged).
 bench: $(STAMP)
 	$(VENV)/bin/marbench grid configs/grids/smoke.yaml
+	$(VENV)/bin/marbench grid configs/grids/artifactgsi.yaml
 
 leaderboard: $(STAMP)
 	$(VENV)/bin/marbench leaderboard

@@ -1,8 +1,8 @@
 """The ``marbench`` command line.
 
-``marbench simulate``, ``splits editmar``, ``list``, ``weights``, ``grid``, ``rerun``, ``verify``,
-``leaderboard``; ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands
-(``marbench test --config configs/bench/li.yaml``).
+``marbench simulate``, ``simulate-gsi`` (the simulated ArtifactGSI analogue), ``splits editmar``, ``list``,
+``weights``, ``grid``, ``rerun``, ``verify``, ``leaderboard``; ``fit``, ``validate``, ``test`` and ``predict`` are
+LightningCLI subcommands (``marbench test --config configs/bench/li.yaml``).
 """
 from __future__ import annotations
 
@@ -33,6 +33,24 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"marbench simulate: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {manifest['cases']} slices, {len(manifest['files'])} files, manifest.json written "
+          f"(fingerprint {manifest['fingerprint']['sha256'][:16]})")
+    return 0
+
+
+def _simulate_gsi(args: argparse.Namespace) -> int:
+    from marbench.datasets.gsi_analogue import generate_gsi_analogue
+
+    try:
+        manifest = generate_gsi_analogue(args.out, args.preset, seed=args.seed, limit=args.limit,
+                                         progress=not args.quiet, force=args.force)
+    except (ValueError, FileNotFoundError) as e:  # bad input or a folder of other provenance: the message says
+        print(f"marbench simulate-gsi: {e}", file=sys.stderr)
+        return 2
+    if manifest is None:
+        print(f"{args.out}: stopped after --limit {args.limit} new patients; run again to resume")
+        return 0
+    print(f"{args.out}: {sum(manifest['patients'].values())} patients ({manifest['slices']} slices), "
+          f"{len(manifest['files'])} files, manifest.json written "
           f"(fingerprint {manifest['fingerprint']['sha256'][:16]})")
     return 0
 
@@ -155,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --clean-images: crop bodies larger than the FOV instead of refusing them "
                           "(recorded in the manifest)")
     sim.set_defaults(func=_simulate)
+    gsi = sub.add_parser("simulate-gsi", help="generate (or resume) the simulated ArtifactGSI analogue (patient "
+                                              "folders of NIfTI volumes, read by marbench.datasets.artifactgsi)")
+    gsi.add_argument("--preset", default="gsi-smoke", choices=["gsi-tiny", "gsi-smoke", "gsi"])
+    gsi.add_argument("--out", required=True, help="output folder (ArtifactGSI patient-folder layout)")
+    gsi.add_argument("--seed", type=int, default=0)
+    gsi.add_argument("--limit", type=int, default=None, metavar="N",
+                     help="stop after simulating N new patients (run again to resume)")
+    gsi.add_argument("--quiet", action="store_true", help="no progress bar")
+    gsi.add_argument("--force", action="store_true",
+                     help="OUT was made by other code or settings: delete its generated content and rebuild")
+    gsi.set_defaults(func=_simulate_gsi)
     splits = sub.add_parser("splits", help="write split files").add_subparsers(dest="protocol", required=True)
     editmar = splits.add_parser("editmar", help="CT-EditMAR test / train-N / reference-pool split")
     editmar.add_argument("--categories", required=True, help="CSV with columns case_id,category[,patient]")

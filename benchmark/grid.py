@@ -60,7 +60,9 @@ _GRID_KEYS = {"name", "base", "datasets", "rows", "seeds", "protocols", "extra_s
 
 @dataclass(frozen=True)
 class GridDataset:
-    """A dataset of the grid: records are named ``name``; ``preset``: a synthetic preset generated into ``root``."""
+    """A dataset of the grid: records are named ``name``; ``preset``: a synthetic preset generated into ``root``
+    (``marbench.datasets.synthetic.PRESETS``, or ``marbench.datasets.gsi_analogue.PRESETS`` for the simulated
+    ArtifactGSI analogue)."""
 
     name: str
     root: str
@@ -441,6 +443,8 @@ def run_grid(grid: Grid, executor: str | None = None, *, force: bool = False, fo
     Raises:
         ValueError: an unknown executor or job; a dataset folder of another fingerprint without ``force_data``.
     """
+    from marbench.datasets.gsi_analogue import PRESETS as GSI_PRESETS
+    from marbench.datasets.gsi_analogue import generate_gsi_analogue
     from marbench.datasets.synthetic import generate
     from marbench.leaderboard import build_leaderboards
 
@@ -449,7 +453,9 @@ def run_grid(grid: Grid, executor: str | None = None, *, force: bool = False, fo
         raise ValueError(f"unknown executor {name!r}; expected one of {list(EXECUTORS)}")
     t = time.perf_counter()
     for d in grid.datasets:
-        if d.preset:
+        if d.preset in GSI_PRESETS:  # the simulated ArtifactGSI analogue
+            generate_gsi_analogue(d.root, d.preset, progress=False, force=force_data)
+        elif d.preset:
             generate(d.root, d.preset, force=force_data)
     data_s = time.perf_counter() - t
     jobs = grid.jobs()

@@ -40,6 +40,13 @@ Each item is a dict (a batch adds the leading ``B``):
   without ``labels.nii.gz``;
 * ``ma_stack`` / ``gt_stack``: ``(k, N, N)`` float32 HU, the ``k`` adjacent ordinary / GSI slices centred on ``z``
   (the encoder input ``V[i]`` of Sec. 3.2);
+* simulated sinograms (only with a ``geometry``, the paper's protocol for its sinogram-domain comparisons, Sec. 5.1:
+  "sinograms are simulated" from the images): ``ma_sinogram`` ``(1, V, C)`` the forward projection of the ordinary
+  slice's attenuation (HU -> mm^-1 with the geometry's ``mu_water_per_mm``), ``metal_trace`` ``(1, V, C)`` bool
+  (``fp(metal_mask) > 0``), ``li_sinogram`` ``(1, V, C)`` and ``li_image`` ``(1, N, N)`` HU (LI, Kalender et al.
+  1987), and ``geometry`` (the geometry's key); a record of a sinogram-domain method on this dataset says so
+  through its data configuration (``geometry``). These sinograms are monochromatic and noise-free projections of
+  an image that already holds the scan's artifacts, not the scanner's raw data;
 * ``implant`` (str, one of ``IMPLANT_TYPES``), ``implant_index`` (int64 index into ``IMPLANT_TYPES``, the implant
   prior of Sec. 3.3), ``region`` (str, ``""`` when meta.json has none), ``category`` (the implant type),
   ``anatomy`` (``"body"``), ``slice_id`` (``"<patient_id>/<z>"``), ``fov_mm`` (float, ``N`` x the header's pixel
@@ -65,6 +72,7 @@ Departures and readings:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -78,17 +86,21 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
+from marbench.physics import Projector, geometry_key, hu_to_mu, li_correction, metal_trace, mu_to_hu, preset
+
 from .batch import seeded_loader
 
-__all__ = ["IMPLANT_TYPES", "LABEL_NAMES", "METAL_THRESHOLD_HU", "UNLABELLED", "ALL_KEYS", "SPLIT_FILE", "Patient",
-           "scan_patients", "read_split_file", "split_patients", "ArtifactGSIDataset", "ArtifactGSIDataModule",
-           "collate", "match_slices", "calibrate", "calibrate_volume"]
+__all__ = ["IMPLANT_TYPES", "LABEL_NAMES", "METAL_THRESHOLD_HU", "UNLABELLED", "ALL_KEYS", "METADATA_KEYS",
+           "SIMULATED_KEYS", "SPLIT_FILE", "Patient", "scan_patients", "read_split_file", "split_patients",
+           "ArtifactGSIDataset", "ArtifactGSIDataModule", "collate", "match_slices", "calibrate", "calibrate_volume"]
 
 IMPLANT_TYPES = ("none", "hip_prosthesis", "fracture_internal_fixation", "spinal_internal_fixation")
 LABEL_NAMES = ("background", "metal_implant", "left_pelvis", "right_pelvis", "left_femur", "right_femur")
 METAL_THRESHOLD_HU = 2500.0
 UNLABELLED = -1
-ALL_KEYS = ("ma_image", "gt_image", "metal_mask", "labels", "ma_stack", "gt_stack")
+METADATA_KEYS = ("implant", "implant_index", "region")  # served with every item, beside batch.METADATA_KEYS
+SIMULATED_KEYS = ("ma_sinogram", "metal_trace", "li_sinogram", "li_image")
+ALL_KEYS = ("ma_image", "gt_image", "metal_mask", "labels", "ma_stack", "gt_stack") + SIMULATED_KEYS
 SPLIT_FILE = "split.txt"
 SPLIT_NAMES = ("train", "val", "test")
 _DEFAULT_KEYS = ("ma_image", "gt_image", "metal_mask", "ma_stack")
@@ -274,16 +286,20 @@ class ArtifactGSIDataset(Dataset):
             ``metal_mask``, ``ma_stack``, plus ``labels`` when any served patient has a label volume.
         split_seed, test_fraction: the seeded split when ``root`` has no ``split.txt``.
         threshold_hu: metal threshold of ``metal_mask``.
+        geometry: a scanner preset of ``marbench.physics`` (e.g. ``aapm_body_128``) whose image grid is the
+            volumes' slice grid: enables the simulated-sinogram keys (``SIMULATED_KEYS``).
 
     Raises:
-        ValueError: ``k`` not a positive odd number; unknown key or split part; ``scan_patients`` /
-            ``split_patients`` errors; at item access, a non-finite slice or a label outside ``LABEL_NAMES``.
+        ValueError: ``k`` not a positive odd number; unknown key or split part; a simulated-sinogram key without a
+            ``geometry``; ``scan_patients`` / ``split_patients`` errors; at item access, a non-finite slice, a label
+            outside ``LABEL_NAMES`` or a slice grid that is not the geometry's.
         FileNotFoundError: see ``scan_patients``.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", k: int = 1,
                  patients: Sequence[Patient] | None = None, clean: bool = False, keys: Iterable[str] | None = None,
-                 split_seed: int = 0, test_fraction: float = 0.2, threshold_hu: float = METAL_THRESHOLD_HU):
+                 split_seed: int = 0, test_fraction: float = 0.2, threshold_hu: float = METAL_THRESHOLD_HU,
+                 geometry: str | None = None):
         if not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"k must be a positive odd number of slices, found {k!r}")
         self.root, self.k, self.clean, self.threshold_hu = Path(root), k, clean, threshold_hu
@@ -301,6 +317,13 @@ class ArtifactGSIDataset(Dataset):
         unknown = sorted(set(self.keys) - set(ALL_KEYS))
         if unknown:
             raise ValueError(f"unknown batch keys {unknown}; expected a subset of {ALL_KEYS}")
+        simulated = [k for k in self.keys if k in SIMULATED_KEYS]
+        if simulated and geometry is None:
+            raise ValueError(f"{self.root}: keys {simulated} are simulated from the ordinary slices by forward "
+                             "projection; give a geometry (a preset of marbench.physics whose image grid is the "
+                             "volumes' slice grid, e.g. aapm_body_128)")
+        self.geometry = preset(geometry) if geometry is not None else None
+        self._projector: Projector | None = None
         self.index = [(p, z) for p in self.patients for z in range(p.n_slices)]
         self._images: dict[Path, nib.Nifti1Image] = {}
 
@@ -311,6 +334,7 @@ class ArtifactGSIDataset(Dataset):
         # each DataLoader worker opens its own file handles
         state = dict(self.__dict__)
         state["_images"] = {}
+        state["_projector"] = None
         return state
 
     def _image(self, path: Path) -> nib.Nifti1Image:
@@ -341,7 +365,9 @@ class ArtifactGSIDataset(Dataset):
                       "implant": patient.implant,
                       "implant_index": torch.tensor(IMPLANT_TYPES.index(patient.implant), dtype=torch.int64),
                       "region": patient.region, "fov_mm": patient.shape[0] * patient.pixel_mm}
-        if need & {"ma_image", "metal_mask", "ma_stack"}:
+        if self.geometry is not None:
+            item["geometry"] = geometry_key(self.geometry)
+        if need & {"ma_image", "metal_mask", "ma_stack", *SIMULATED_KEYS}:
             ma, ma_stack = self._slices(ma_path, z, patient.n_slices, self.k if "ma_stack" in need else 1)
             if "ma_image" in need:
                 item["ma_image"] = torch.from_numpy(ma.copy())[None]
@@ -349,6 +375,8 @@ class ArtifactGSIDataset(Dataset):
                 item["metal_mask"] = torch.from_numpy(ma > self.threshold_hu)[None]
             if "ma_stack" in need:
                 item["ma_stack"] = torch.from_numpy(np.ascontiguousarray(ma_stack))
+            if need & set(SIMULATED_KEYS):
+                item.update({k: v for k, v in self._simulated(ma_path, z, ma).items() if k in need})
         if need & {"gt_image", "gt_stack"}:
             gt, gt_stack = self._slices(gt_path, z, patient.n_slices, self.k if "gt_stack" in need else 1)
             if "gt_image" in need:
@@ -358,6 +386,22 @@ class ArtifactGSIDataset(Dataset):
         if "labels" in need:
             item["labels"] = self._labels(patient, z)
         return item
+
+    def _simulated(self, path: Path, z: int, ma: np.ndarray) -> dict[str, torch.Tensor]:
+        """The simulated sinogram keys of one ordinary slice ``ma`` ``(N, N)`` HU (see the module docstring)."""
+        g = self.geometry
+        if tuple(ma.shape) != tuple(g.image_shape):
+            raise ValueError(f"{path}: slice {z}: expected the geometry's image grid {tuple(g.image_shape)}, found "
+                             f"{tuple(ma.shape)}")
+        if self._projector is None:
+            self._projector = Projector(g)
+        image = torch.from_numpy(ma.copy())[None, None]
+        mask = image > self.threshold_hu
+        sinogram = self._projector.fp(hu_to_mu(image, g.mu_water_per_mm))
+        trace = metal_trace(self._projector, mask)
+        li_sinogram, li_mu = li_correction(self._projector, sinogram, trace)
+        return {"ma_sinogram": sinogram[0], "metal_trace": trace[0], "li_sinogram": li_sinogram[0],
+                "li_image": mu_to_hu(li_mu, g.mu_water_per_mm)[0]}
 
     def _labels(self, patient: Patient, z: int) -> torch.Tensor:
         if not patient.has_labels:
@@ -406,27 +450,52 @@ class ArtifactGSIDataModule(L.LightningDataModule):
         k: slices per ``ma_stack``/``gt_stack`` (odd).
         batch_size, num_workers: DataLoader settings; the training order is shuffled with the run's seed
             (``PL_GLOBAL_SEED``, as the AAPM datamodule does).
-        split_seed, test_fraction: the seeded patient split when the root has no ``split.txt``.
+        split_seed, test_fraction: the seeded patient split when there is no split file.
         keys: tensor keys to load (``ArtifactGSIDataset``'s default when ``None``).
+        geometry: scanner preset for the simulated-sinogram keys (``ArtifactGSIDataset``).
+        split: a split file in the ``split.txt`` format (default: ``<root>/split.txt`` when present).
 
     Raises:
         ValueError, FileNotFoundError: at ``setup``, see ``scan_patients`` and ``split_patients``.
     """
 
     def __init__(self, root: str | os.PathLike, k: int = 1, batch_size: int = 4, num_workers: int = 0,
-                 split_seed: int = 0, keys: Sequence[str] | None = None, test_fraction: float = 0.2):
+                 split_seed: int = 0, keys: Sequence[str] | None = None, test_fraction: float = 0.2,
+                 geometry: str | None = None, split: str | os.PathLike | None = None):
         super().__init__()
         self.root, self.k, self.batch_size, self.num_workers = Path(root), k, batch_size, num_workers
-        self.split_seed, self.test_fraction = split_seed, test_fraction
+        self.split_seed, self.test_fraction, self.geometry = split_seed, test_fraction, geometry
+        self.split = Path(split) if split is not None else None
         self.keys = tuple(keys) if keys is not None else None
         self.parts: dict[str, list[Patient]] = {}
         self.datasets: dict[str, ArtifactGSIDataset] = {}
 
+    @property
+    def split_path(self) -> Path | None:
+        """The split file in use: ``split``, else ``<root>/split.txt`` when present, else None (seeded split)."""
+        if self.split is not None:
+            return self.split
+        return self.root / SPLIT_FILE if (self.root / SPLIT_FILE).is_file() else None
+
     def setup(self, stage: str | None = None) -> None:
-        split_file = self.root / SPLIT_FILE
-        self.parts = split_patients(scan_patients(self.root), self.test_fraction, self.split_seed,
-                                    split_file if split_file.is_file() else None)
+        if self.split is not None and not self.split.is_file():
+            raise FileNotFoundError(f"{self.split}: split file not found (expected lines '<train|val|test> "
+                                    "<patient_id>')")
+        self.parts = split_patients(scan_patients(self.root), self.test_fraction, self.split_seed, self.split_path)
         self.datasets = {name: self.dataset(name) for name in self.parts}
+
+    @property
+    def split_sha256(self) -> str:
+        """sha256 of the patient split (each part's sorted patient ids), whether from ``split.txt`` or seeded: what
+        the records and the cached segmenter and pre-trainings are keyed by.
+
+        Raises:
+            ValueError: ``setup`` has not run.
+        """
+        if not self.parts:
+            raise ValueError("call setup() before split_sha256")
+        parts = {name: sorted(p.id for p in patients) for name, patients in sorted(self.parts.items())}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def dataset(self, part: str, keys: Sequence[str] | None = None, clean: bool = False) -> ArtifactGSIDataset:
         """The slices of one part with other keys than the datamodule's, or (``clean=True``) its clean patients'
@@ -440,7 +509,7 @@ class ArtifactGSIDataModule(L.LightningDataModule):
         if part not in self.parts:
             raise ValueError(f"{self.root}: the split has no part {part!r}; it has {sorted(self.parts)}")
         return ArtifactGSIDataset(self.root, part, self.k, patients=self.parts[part], clean=clean,
-                                  keys=keys if keys is not None else self.keys)
+                                  keys=keys if keys is not None else self.keys, geometry=self.geometry)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.datasets:
@@ -450,8 +519,9 @@ class ArtifactGSIDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+    def val_dataloader(self) -> DataLoader | list:
+        # a split without a val part (the paper's 80/20) validates nothing; Lightning skips an empty list
+        return self._loader("val", False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)

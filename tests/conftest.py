@@ -22,6 +22,16 @@ def tiny_benchmark(tmp_path_factory):
     return out, manifest
 
 
+@pytest.fixture(scope="session")
+def gsi_tiny(tmp_path_factory):
+    """The ``gsi-tiny`` simulated ArtifactGSI analogue (4 patients x 3 slices at 128 x 128), generated once per test
+    session: ``(root, manifest)``."""
+    from marbench.datasets.gsi_analogue import generate_gsi_analogue
+
+    out = tmp_path_factory.mktemp("gsi-tiny")
+    return out, generate_gsi_analogue(out, "gsi-tiny", seed=0, progress=False)
+
+
 def write_tiny_grid(folder: Path, benchmark: Path, rows: dict[str, str], protocols: str = "[aapm-hu, editmar]",
                     seeds: dict | None = None, extra: str = "") -> Path:
     """Write a grid on the tiny benchmark into ``folder`` (which the grid's relative paths assume as the working

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from marbench.datasets import artifactgsi
 from marbench.datasets.batch import METADATA_KEYS
 from marbench.lightning_cli import build_cli
 from marbench.row import BASE_CONFIG, row_configs
 
 ROOT = Path(__file__).parents[1]
 ROWS = row_configs(ROOT / "configs" / "bench")
+GSI_BASE = ROOT / "configs" / "bench" / "artifactgsi" / "_base.yaml"
+GSI_ROWS = row_configs(GSI_BASE.parent)
 GPU = sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
 
 
@@ -21,15 +24,18 @@ def _class(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize("config", ROWS, ids=[c.name for c in ROWS])
-def test_bench_rows_build_over_the_base(config):
-    cli = build_cli(["--config", str(ROOT / BASE_CONFIG), "--config", str(config)], run=False)
+@pytest.mark.parametrize("base, config", [(ROOT / BASE_CONFIG, c) for c in ROWS] + [(GSI_BASE, c) for c in GSI_ROWS],
+                         ids=[c.name for c in ROWS] + [f"artifactgsi/{c.name}" for c in GSI_ROWS])
+def test_bench_rows_build_over_the_base(base, config):
+    cli = build_cli(["--config", str(base), "--config", str(config)], run=False)
     assert cli.model.card.name and len(cli.evaluators()) == 1
-    # the per-slice metadata (slice id, category, anatomy, geometry, field of view) comes with every batch
-    assert set(cli.model.card.inputs) - set(METADATA_KEYS) <= set(cli.datamodule.keys), \
+    # the per-slice metadata (slice id, category, anatomy, geometry, field of view; ArtifactGSI's implant type)
+    # comes with every batch
+    metadata = set(METADATA_KEYS) | set(artifactgsi.METADATA_KEYS)
+    assert set(cli.model.card.inputs) - metadata <= set(cli.datamodule.keys), \
         f"{config.name}: the data keys miss inputs the method declares"
     if cli.model.card.trainable:
-        assert set(cli.model.card.training_inputs) - set(METADATA_KEYS) <= set(cli.datamodule.keys)
+        assert set(cli.model.card.training_inputs) - metadata <= set(cli.datamodule.keys)
 
 
 @pytest.mark.parametrize("config", GPU, ids=[c.name for c in GPU])

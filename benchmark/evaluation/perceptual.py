@@ -25,7 +25,8 @@ from scipy import linalg
 
 from .weights import resolve
 
-__all__ = ["RadImageNetFeatures", "InceptionFeatures", "lpips_rad", "layer4_distance", "LPIPSVGG", "frechet_distance",
+__all__ = ["RadImageNetFeatures", "InceptionFeatures", "lpips_rad", "layer4_distance", "LPIPSVGG", "LPIPSAlex",
+           "lpips_alex", "frechet_distance",
            "frechet_distance_of_features", "perceptual_indicator", "Backbones", "backbones", "ReferenceFeatureCache"]
 
 
@@ -165,14 +166,15 @@ class LPIPSVGG(nn.Module):
     protocol), repeats them to three channels, maps to [-1, 1] and returns LPIPS per slice ``(B,)``.
     """
 
-    _SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
+    _NET = "vgg"  # the lpips package's network name
+    _SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # torchvision feature indices of its five slices
 
     def __init__(self, weights: str | None = "vgg16-lpips", seed: int = 0):
         super().__init__()
         import lpips
 
         torch.manual_seed(seed)
-        self.model = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+        self.model = lpips.LPIPS(net=self._NET, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
         self.weights_sha256 = None
         if weights is not None:
             path, self.weights_sha256 = resolve(weights)
@@ -187,7 +189,7 @@ class LPIPSVGG(nn.Module):
         self.eval()
 
     def normalized_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The five VGG16 feature maps of ``(B, 1, H, W)`` images in [0, 1], unit-normalised across channels (the
+        """The five trunk feature maps of ``(B, 1, H, W)`` images in [0, 1], unit-normalised across channels (the
         ``lpips`` package's steps: grey to three channels, [-1, 1], its scaling layer, ``normalize_tensor``)."""
         import lpips
 
@@ -203,6 +205,50 @@ class LPIPSVGG(nn.Module):
         ft = [torch.cat(layer) for layer in zip(*_REFERENCES(self.normalized_features, target), strict=True)]
         val = sum(spatial_average(self.model.lins[k]((fp[k] - ft[k]) ** 2), keepdim=True) for k in range(len(fp)))
         return val.flatten()
+
+
+class LPIPSAlex(LPIPSVGG):
+    """LPIPS v0.1 with the AlexNet backbone (the ``lpips`` package's default network): the package's network and
+    linear heads (``lpips/weights/v0.1/alex.pth``, shipped with it), the AlexNet trunk loaded from the local
+    torchvision file ``alexnet-owt-7be5be79.pth`` (``weights`` registry ``alexnet-lpips``; ``weights=None``: seeded
+    random trunk). Nothing is downloaded.
+
+    Everything else is ``perceptual.LPIPSVGG``'s: ``forward(pred, target)`` takes ``(B, 1, H, W)`` images in [0, 1],
+    repeats them to three channels, maps them to [-1, 1] and returns LPIPS per slice ``(B,)``, the target's
+    features from the process's reference cache.
+
+    Raises:
+        FileNotFoundError / ValueError: as ``weights.resolve`` for a missing or mismatching file.
+    """
+
+    _NET = "alex"
+    _SLICES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))  # lpips.pretrained_networks.alexnet's slices
+
+    def __init__(self, weights: str | None = "alexnet-lpips", seed: int = 0):
+        super().__init__(weights, seed)
+
+
+_LPIPS_ALEX: dict[str, LPIPSAlex] = {}
+
+
+def lpips_alex(weights: str = "auto") -> LPIPSAlex:
+    """The process-wide ``LPIPSAlex`` for a weights mode: ``"local"`` (the file must be present), ``"random"``
+    (seeded random trunk) or ``"auto"`` (the file when present, else random), as ``perceptual.Backbones``.
+
+    Raises:
+        ValueError: unknown ``weights``; FileNotFoundError / ValueError (``local``): as ``weights.resolve``.
+    """
+    if weights not in ("auto", "local", "random"):
+        raise ValueError(f"weights must be 'auto', 'local' or 'random', found {weights!r}")
+    if weights not in _LPIPS_ALEX:
+        name = None if weights == "random" else "alexnet-lpips"
+        if weights == "auto":
+            try:
+                resolve(name)
+            except FileNotFoundError:
+                name = None
+        _LPIPS_ALEX[weights] = LPIPSAlex(name)
+    return _LPIPS_ALEX[weights]
 
 
 _REFERENCES = ReferenceFeatureCache()

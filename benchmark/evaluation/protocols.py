@@ -14,6 +14,8 @@ Protocols are found by name in ``PROTOCOLS`` (a ``marbench.registry.Registry``).
 
 >>> get_protocol("editmar").metric_names
 ('psnr', 'ssim')
+>>> get_protocol("artifactgsi").metric_names, get_protocol("artifactgsi").window_hu
+(('psnr', 'ssim', 'lpips'), (-500.0, 1500.0))
 >>> [m.unit for m in get_protocol("aapm-hu").metrics]
 ['HU', 'dB', '']
 """
@@ -25,6 +27,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from scipy.ndimage import binary_fill_holes
 
@@ -34,11 +37,11 @@ from marbench.registry import Registry
 
 from . import clinical
 from .metrics import psnr, rmse, ssim
-from .perceptual import backbones, frechet_distance_of_features, layer4_distance, perceptual_indicator
-from .segmentation import SegmentationRecipe, segment, segmenter
+from .perceptual import backbones, frechet_distance_of_features, layer4_distance, lpips_alex, perceptual_indicator
+from .segmentation import ARTIFACTGSI_RECIPE, SegmentationRecipe, segment, segmenter
 
 __all__ = ["MetricSpec", "Protocol", "AAPMHU", "AAPM_HU_V1", "AAPMClinical", "EditMAR", "SynDeepLesionProtocol",
-           "Perceptual", "Segmentation",
+           "Perceptual", "Segmentation", "ArtifactGSI", "ArtifactGSISegmentation",
            "PerceptualIndicators", "PROTOCOLS", "get_protocol", "level_lpips"]
 
 
@@ -454,7 +457,7 @@ class Segmentation(Protocol):
 
     def _segmenter(self):
         if self._datamodule is None:
-            raise ValueError("the segmentation protocol is bound to a datamodule (its training split) first")
+            raise ValueError(f"the {self.name} protocol is bound to a datamodule (its training split) first")
         return segmenter(self._datamodule, self.recipe)
 
     def score(self, pred_hu, batch):
@@ -465,6 +468,139 @@ class Segmentation(Protocol):
 
     def weights_sha256(self) -> dict[str, str]:
         return {"segmenter": self._segmenter()[1]} if self._datamodule is not None else {}
+
+
+@dataclass(frozen=True)
+class ArtifactGSI(Protocol):
+    """``artifactgsi`` (Han et al., "Reducing CT Metal Artifacts by Learning Latent Space Alignment with Gemstone
+    Spectral Imaging Data", Sec. 5, Table 3): PSNR, SSIM and LPIPS per slice of a method's output against the GSI
+    image (``gt_image``) of the ArtifactGSI data (``marbench.datasets.artifactgsi``).
+
+    Both images, ``(B, 1, H, W)`` HU, are
+
+    1. resized to ``size_px`` x ``size_px`` (512: "we uniformly rescale the images to a size of 512x512"), bilinear,
+       ``align_corners=False``, antialiased when down-sampling (``F.interpolate``); not resampled when already that
+       size;
+    2. mapped through the display window level ``level_hu`` / width ``width_hu`` (L500/W2000: ``[-500, 1500]`` HU
+       -> ``[0, 1]``, clipped; ``window_hu``);
+
+    then scored on the whole image: ``psnr`` in dB with data range 1 (``metrics.psnr``: ``inf`` for identical
+    images), ``ssim`` with data range 1 (``metrics.ssim``: 11-tap Gaussian, sigma 1.5, as scikit-image's
+    ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``), ``lpips`` (LPIPS v0.1,
+    ``lpips_net``: the [0, 1] image repeated to three channels and mapped to [-1, 1], as the ``perceptual``
+    protocol; ``"alex"``: ``LPIPSAlex``, ``"vgg"``: ``perceptual.LPIPSVGG``), lower is better.
+
+    Readings and departures (the paper leaves these open; pinned here):
+
+    * Metric range: the paper states L500/W2000 for display and no intensity range for its metrics; the display
+      window is taken as the metric range (bone and metal above 1500 HU saturate at 1).
+    * Resize: the paper does not name the interpolation; bilinear with antialiasing is pinned, in HU, before the
+      window. Non-square slices are resized to 512 x 512 too.
+    * Metal: scored as it is, not masked (the paper does not mask).
+    * LPIPS network: AlexNet, the ``lpips`` package's default (the paper names none). Its trunk comes from a local
+      file only (``weights``: ``"auto"`` uses it when present, else a seeded random trunk; ``"local"`` requires
+      it); the record lists its sha256 or ``random``, and the leaderboard never merges records whose weights
+      differ.
+    """
+
+    name: str = "artifactgsi"
+    version: str = "1"
+    size_px: int = 512
+    level_hu: float = 500.0
+    width_hu: float = 2000.0
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    weights: str = "auto"
+
+    def __post_init__(self):
+        if self.lpips_net not in ("alex", "vgg"):
+            raise ValueError(f"lpips_net must be 'alex' or 'vgg', found {self.lpips_net!r}")
+        if self.size_px < 11 or self.width_hu <= 0:
+            raise ValueError(f"need size_px >= 11 (the SSIM window) and width_hu > 0, found {self.size_px} and "
+                             f"{self.width_hu}")
+
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        how = f"against the GSI image, {self.size_px} px, L{self.level_hu:g}/W{self.width_hu:g}"
+        net = "AlexNet" if self.lpips_net == "alex" else "VGG16"
+        return (MetricSpec("psnr", True, "dB", 2, description=f"PSNR {how}"),
+                MetricSpec("ssim", True, "", 4, description=f"SSIM {how}"),
+                MetricSpec("lpips", False, "", 4, description=f"LPIPS ({net} v0.1) {how}"))
+
+    @property
+    def window_hu(self) -> tuple[float, float]:
+        """The display window ``(low, high)`` in HU."""
+        return self.level_hu - self.width_hu / 2, self.level_hu + self.width_hu / 2
+
+    def display(self, hu: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` HU -> ``(B, 1, size_px, size_px)`` float32 in [0, 1]: resized, then windowed."""
+        x = hu.float()
+        h, w = x.shape[-2:]
+        if (h, w) != (self.size_px, self.size_px):
+            x = F.interpolate(x, size=(self.size_px, self.size_px), mode="bilinear", align_corners=False,
+                              antialias=max(h, w) > self.size_px)
+        return window(x, *self.window_hu)
+
+    def _lpips(self) -> nn.Module:
+        return lpips_alex(self.weights) if self.lpips_net == "alex" else backbones(self.weights).lpips
+
+    def score(self, pred_hu, batch):
+        p, t = self.display(pred_hu), self.display(batch["gt_image"])
+        with torch.no_grad():
+            lp = self._lpips().to(p.device)(p, t).double()
+        return {"psnr": psnr(p, t, 1.0), "ssim": ssim(p, t, 1.0), "lpips": lp}
+
+    def weights_sha256(self) -> dict[str, str]:
+        if self.lpips_net == "vgg":
+            return {"vgg16-lpips": backbones(self.weights).weights_sha256()["vgg16-lpips"]}
+        return {"alexnet-lpips": lpips_alex(self.weights).weights_sha256 or "random"}
+
+
+@dataclass(frozen=True)
+class ArtifactGSISegmentation(Segmentation):
+    """``artifactgsi-segmentation`` (Han et al., "Reducing CT Metal Artifacts by Learning Latent Space Alignment
+    with Gemstone Spectral Imaging Data", Sec. 5.3, Table 2): a segmenter trained on the GSI images (``gt_image``)
+    and ``labels`` of the ArtifactGSI split's training part (Table 2: "segmentation models, trained on GSI data";
+    ``segmentation.ARTIFACTGSI_RECIPE``) segments each method's output, ``(B, 1, H, W)`` HU at the data's own size.
+
+    Per slice, ``iou_<structure>`` is the IoU (torchmetrics) of each of the five foreground structures
+    (``metal_implant``, ``left_pelvis``, ``right_pelvis``, ``left_femur``, ``right_femur``; background is segmented
+    but not scored) and ``miou`` their mean over the structures scored on the slice, each in [0, 1]. As
+    ``segmentation`` v3, a structure absent from the slice's label map is not scored there (NaN, skipped by the
+    means), so a slice without it does not score 0 for it. Unlabelled pixels (``UNLABELLED``, -1: patients without a
+    label volume) count neither in training nor in scoring; a wholly unlabelled slice scores NaN throughout.
+    The record carries the segmenter's sha256, so rows are compared under one segmenter only.
+
+    Readings: the paper names neither the segmentation network nor its training; the small U-Net of
+    ``ARTIFACTGSI_RECIPE`` is pinned (the numbers are comparable between methods, not with the paper's). The images
+    are segmented at their own size (not rescaled to 512). Left and right are not learned: the network segments
+    pelvis and femur, and a pixel's side is its half of the image (``SegmentationRecipe.sided_pairs``; trained
+    with sides, a U-Net on 96-pixel crops never found the left femur of the analogue's test patient).
+
+    Raises (at ``score``): ValueError: not bound to a datamodule (``bind``).
+    """
+
+    name: str = "artifactgsi-segmentation"
+    version: str = "1"
+    recipe: SegmentationRecipe = field(default_factory=lambda: ARTIFACTGSI_RECIPE)
+    requires: ClassVar[tuple[str, ...]] = ("labels",)
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """The scored classes: every class but the background (class 0)."""
+        return self.recipe.class_names[1:]
+
+    @property
+    def metrics(self) -> tuple[MetricSpec, ...]:
+        return (MetricSpec("miou", True, "", 4, description="mean IoU over the implant, pelvis and femur structures "
+                                                            "present"),
+                *(MetricSpec(f"iou_{c}", True, "", 4, description=f"IoU of {c.replace('_', ' ')}", figure=False)
+                  for c in self.structures))
+
+    def score(self, pred_hu, batch):
+        per_class = segment(self._segmenter()[0], self.recipe, pred_hu, batch[self.recipe.label_key])[:, 1:]
+        out = {"miou": torch.nanmean(per_class, dim=1)}
+        out.update({f"iou_{c}": per_class[:, k] for k, c in enumerate(self.structures)})
+        return out
 
 
 def level_lpips(lpips_net, pred01: torch.Tensor, target01: torch.Tensor, metal_mask: np.ndarray, side_px: int,
@@ -559,7 +695,7 @@ class PerceptualIndicators(Protocol):
 
 PROTOCOLS: Registry[Protocol] = Registry("evaluation protocol", base=Protocol)
 for _protocol in (AAPMHU(), AAPMClinical(), EditMAR(), SynDeepLesionProtocol(), Perceptual(), Segmentation(),
-                  PerceptualIndicators()):
+                  PerceptualIndicators(), ArtifactGSI(), ArtifactGSISegmentation()):
     PROTOCOLS.register(_protocol.name, _protocol)
 
 

@@ -1,6 +1,12 @@
-"""Downstream segmentation as a MAR metric (ArtifactGSI Table 2): a tissue-segmentation U-Net trained on the
-clean images of the training split, applied to each method's restored images, scored per slice with
-torchmetrics' mean IoU against the synthetic benchmark's tissue labels.
+"""Downstream segmentation as a MAR metric (Han et al., "Reducing CT Metal Artifacts by Learning Latent Space
+Alignment with Gemstone Spectral Imaging Data", Table 2): a segmentation U-Net trained on the metal-free images
+(``gt_image``) of the training split, applied to each method's restored images, scored per slice with torchmetrics'
+IoU per class against the split's label maps.
+
+Two recipes use this machinery (``SegmentationRecipe``): the default one segments the synthetic benchmark's nine
+tissue classes (``tissue_labels``; the ``segmentation`` protocol), ``ARTIFACTGSI_RECIPE`` the ArtifactGSI data's
+metal implant and left/right pelvis and femur (``labels``, GSI images, unlabelled pixels ignored; the
+``artifactgsi-segmentation`` protocol).
 
 The segmenter is trained once per (benchmark, split, recipe) and cached under
 ``$MARBENCH_CACHE/segmentation``; its sha256 goes into every record, so rows are only compared under one
@@ -12,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,11 +26,12 @@ import torch.nn.functional as F
 from torchmetrics.functional.segmentation import mean_iou
 
 from marbench.converters import window
+from marbench.datasets.artifactgsi import LABEL_NAMES, UNLABELLED
 from marbench.files import atomic_write, sha256_file
 from marbench.networks import UNet
 from marbench.physics.backends import default_cache_dir
 
-__all__ = ["SegmentationRecipe", "segmenter", "segment", "iou_of_maps", "soft_dice_loss"]
+__all__ = ["SegmentationRecipe", "ARTIFACTGSI_RECIPE", "segmenter", "segment", "iou_of_maps", "soft_dice_loss"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,26 @@ class SegmentationRecipe:
 
     A share ``class_balanced`` of the crops is centred on a pixel of a class drawn uniformly from those in the
     training split (nnU-Net's foreground oversampling, here over every class): lung is in few slices of the
-    benchmark (chest only), so uniform crops showed it too rarely to learn it from air."""
+    benchmark (chest only), so uniform crops showed it too rarely to learn it from air.
+
+    What is segmented (the defaults are the synthetic benchmark's tissue segmenter; ``ARTIFACTGSI_RECIPE`` is the
+    ArtifactGSI one):
+
+    * ``label_key``: the batch key of the label maps, ``(1, N, N)`` int64 per item, ids ``0 .. classes - 1``
+      (``class_names``); the images are always ``gt_image`` (HU).
+    * ``ignore_index``: a label id that marks unlabelled pixels (ArtifactGSI: ``UNLABELLED`` = -1, a patient
+      without a label volume), left out of the cross entropy, the Dice loss and the IoU; training slices without a
+      labelled pixel are skipped. ``None``: every pixel is labelled.
+    * ``sided_pairs``: ``(left id, right id)`` pairs of one structure on the patient's two sides (ArtifactGSI:
+      pelvis and femur). A fully convolutional network on crops sees no absolute position, and a left and a right
+      femoral head look alike, so the sides are not learned: training merges each pair into its left id
+      (``merge_sides``) and, at inference, a pixel of the structure takes its side from its half of the image
+      (``split_sides``: the patient's left is the image right, columns ``>= W / 2``; scans are centred on the
+      patient). ``()``: no sided classes.
+
+    These three fields came after the tissue segmenter's records; at their defaults they leave the segmenter's
+    cache key (``_cache_key``) and its training draws as they were, so the committed ``segmentation`` records
+    still verify."""
 
     class_names: tuple[str, ...] = ("air", "lung", "fat", "muscle", "organ", "cancellous_bone", "cortical_bone",
                                     "brain", "csf")  # label ids of datasets.synthetic.tissues
@@ -55,6 +81,18 @@ class SegmentationRecipe:
     dice_weight: float = 1.0
     class_balanced: float = 0.5
     seed: int = 0
+    label_key: str = "tissue_labels"
+    ignore_index: int | None = None
+    sided_pairs: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        if self.ignore_index is not None and 0 <= self.ignore_index < self.classes:
+            raise ValueError(f"ignore_index {self.ignore_index} is a class id (0..{self.classes - 1}); "
+                             f"use an id outside the classes, e.g. -1")
+        for pair in self.sided_pairs:
+            if len(pair) != 2 or not all(0 <= c < self.classes for c in pair):
+                raise ValueError(f"sided_pairs: expected pairs of class ids in 0..{self.classes - 1}, found "
+                                 f"{pair!r}")
 
     def network(self) -> torch.nn.Module:
         return UNet(len(self.windows_hu), self.classes, self.base, self.depth)
@@ -67,11 +105,47 @@ class SegmentationRecipe:
         """``(B, 1, H, W)`` HU -> ``(B, len(windows_hu), H, W)`` network input in [0, 1]."""
         return torch.cat([window(hu, low, high) for low, high in self.windows_hu], dim=1)
 
+    def merge_sides(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label maps (int64, any shape) with each ``sided_pairs`` right id replaced by its left id (training)."""
+        for left, right in self.sided_pairs:
+            labels = torch.where(labels == right, torch.full_like(labels, left), labels)
+        return labels
+
+    def split_sides(self, pred: torch.Tensor) -> torch.Tensor:
+        """Predicted class maps ``(B, H, W)`` with each ``sided_pairs`` left id in the image's left half (columns
+        ``< W / 2``, the patient's right) replaced by its right id (inference)."""
+        if not self.sided_pairs:
+            return pred
+        image_left = torch.arange(pred.shape[-1], device=pred.device) < pred.shape[-1] / 2
+        for left, right in self.sided_pairs:
+            pred = torch.where((pred == left) & image_left, torch.full_like(pred, right), pred)
+        return pred
+
+
+ARTIFACTGSI_RECIPE = SegmentationRecipe(
+    class_names=LABEL_NAMES, windows_hu=((-1000.0, 1500.0), (-150.0, 150.0), (150.0, 1500.0), (1000.0, 3000.0)),
+    base=8, depth=3, steps=400, crop_px=96, batch_size=16, label_key="labels", ignore_index=UNLABELLED,
+    sided_pairs=((2, 3), (4, 5)))
+"""The ArtifactGSI segmenter (``artifactgsi-segmentation``): GSI images (``gt_image``) and ``labels`` of the
+training split; the six classes of ``marbench.datasets.artifactgsi.LABEL_NAMES`` (background, metal implant,
+left/right pelvis, left/right femur), unlabelled pixels (-1) ignored, sides from the image half; HU windows for
+bone and metal: wide (-1000, 1500), soft tissue (-150, 150), bone (150, 1500), metal and dense cortex
+(1000, 3000). Small (base 8, depth 3, 400 steps of 16 crops of 96 px): slices are 128-512 px, and the segmenter is a
+yardstick trained once per split, not a state-of-the-art model."""
+
+_KEYED_ONLY_WHEN_SET = ("label_key", "ignore_index", "sided_pairs")
+"""Recipe fields added after the tissue segmenter's records: they enter the cache key only when they differ from
+their defaults, so the tissue segmenter's key (and the records carrying its sha256) stay valid."""
+
 
 def _cache_key(datamodule, recipe: SegmentationRecipe) -> str:
     manifest = Path(datamodule.root) / "manifest.json"
     data = sha256_file(manifest) if manifest.is_file() else str(datamodule.root)
-    key = json.dumps({"data": data, "split": datamodule.split_sha256, "recipe": asdict(recipe)}, sort_keys=True)
+    settings = asdict(recipe)
+    for f in fields(recipe):
+        if f.name in _KEYED_ONLY_WHEN_SET and getattr(recipe, f.name) == f.default:
+            del settings[f.name]
+    key = json.dumps({"data": data, "split": datamodule.split_sha256, "recipe": settings}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -85,9 +159,13 @@ def segmenter(datamodule, recipe: SegmentationRecipe = SegmentationRecipe(),
 
     Args:
         datamodule: a set-up datamodule of the suite's convention with ``root``, ``split_sha256`` and
-            ``dataset(part, keys)`` (``AAPMCTMARDataModule``); the segmenter trains on its ``train`` part.
+            ``dataset(part, keys)`` (``AAPMCTMARDataModule``, ``ArtifactGSIDataModule``); the segmenter trains on
+            the ``gt_image`` and ``recipe.label_key`` of its ``train`` part.
+        recipe: the default (tissue) recipe or ``ARTIFACTGSI_RECIPE``.
     Raises:
-        ValueError: the split has no training part; FileNotFoundError: the benchmark has no tissue labels.
+        ValueError: the split has no training part, or (``ignore_index`` set) no labelled training slice; a label
+            outside the classes. FileNotFoundError: the benchmark has no such labels (synthetic benchmark without
+            tissue labels).
     """
     path = default_cache_dir() / "segmentation" / f"{_cache_key(datamodule, recipe)}.pt"
     if (path, recipe) in _LOADED:
@@ -97,47 +175,75 @@ def segmenter(datamodule, recipe: SegmentationRecipe = SegmentationRecipe(),
         torch.manual_seed(recipe.seed)
         net = recipe.network()
         if not path.is_file():
-            _train(net, datamodule.dataset("train", ("gt_image", "tissue_labels")), recipe, path, log)
+            _train(net, datamodule.dataset("train", ("gt_image", recipe.label_key)), recipe, path, log)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     _LOADED[(path, recipe)] = (net.eval(), sha256_file(path))
     return _LOADED[(path, recipe)]
 
 
-def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
     """``1 -`` the mean soft Dice coefficient over the classes present in ``labels`` (batch Dice, nnU-Net).
 
     Args:
-        logits: ``(B, K, H, W)`` class scores; labels: ``(B, H, W)`` int64 class ids in ``[0, K)``.
+        logits: ``(B, K, H, W)`` class scores; labels: ``(B, H, W)`` int64 class ids in ``[0, K)`` or
+            ``ignore_index``; pixels labelled ``ignore_index`` count in neither the prediction nor the labels.
     Returns:
-        A scalar in ``[0, 1]``: 0 when the softmax is one-hot on the labels.
+        A scalar in ``[0, 1]``: 0 when the softmax is one-hot on the labels (and 0, with a gradient of zeros, when
+        every pixel is ignored).
 
     >>> labels = torch.tensor([[[0, 1], [1, 2]]])
     >>> round(float(soft_dice_loss(100 * F.one_hot(labels, 4).permute(0, 3, 1, 2).float(), labels)), 6)
     0.0
     """
     prob = logits.softmax(1)
+    if ignore_index is not None:
+        valid = labels != ignore_index
+        labels = torch.where(valid, labels, torch.zeros_like(labels))
+        prob = prob * valid[:, None]
     onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+    if ignore_index is not None:
+        onehot = onehot * valid[:, None]
     dims = (0, 2, 3)
     present = onehot.sum(dims) > 0
+    if not present.any():
+        return prob.sum() * 0
     dice = (2 * (prob * onehot).sum(dims) + 1) / (prob.sum(dims) + onehot.sum(dims) + 1)
     return 1 - dice[present].mean()
 
 
 def _train(net: torch.nn.Module, train_set, recipe: SegmentationRecipe, path: Path, log) -> None:
-    """Train ``net`` on random crops of the clean images of ``train_set`` and write its state to ``path``
-    atomically.
+    """Train ``net`` on random crops of the clean images (``gt_image``) and ``recipe.label_key`` label maps of
+    ``train_set`` and write its state to ``path`` atomically.
+
+    With the default recipe (no ``ignore_index``, no ``sided_pairs``) the random draws and the loss are those of the
+    tissue segmenter's records, value for value.
 
     Raises:
-        ValueError: the training slices are smaller than the crop.
+        ValueError: the training slices are smaller than the crop; a label id outside ``0 .. classes - 1`` (other
+            than ``ignore_index``); no training slice holds a labelled pixel.
     """
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps)
-    # which training slices hold each class, for the class-balanced crops
+    key, ignore = recipe.label_key, recipe.ignore_index
+    # which training slices hold each class, for the class-balanced crops; slices without a labelled pixel are left
+    # out (with no ignore_index every slice is kept, and the uniform draws below are the original ones)
     holders = [[] for _ in range(recipe.classes)]
+    usable = []
     for i in range(len(train_set)):
-        for c in train_set[i]["tissue_labels"].unique().tolist():
+        ids = [c for c in train_set[i][key].unique().tolist() if c != ignore]
+        bad = [c for c in ids if not 0 <= c < recipe.classes]
+        if bad:
+            raise ValueError(f"segmenter: training slice {i} has label {bad[0]} outside 0..{recipe.classes - 1} "
+                             f"({', '.join(recipe.class_names)})" + ("" if ignore is None else f" and {ignore}"))
+        if not ids:
+            continue
+        usable.append(i)
+        for c in ids:
             holders[c].append(i)
+    if not usable:
+        raise ValueError(f"segmenter: none of the {len(train_set)} training slices has a labelled pixel "
+                         f"({key!r} is {ignore} everywhere); the split's training part needs labelled patients")
     present = [c for c in range(recipe.classes) if holders[c]]
     net.train()
     total, every = 0.0, max(recipe.steps // 10, 1)
@@ -149,7 +255,7 @@ def _train(net: torch.nn.Module, train_set, recipe: SegmentationRecipe, path: Pa
                 c = present[int(torch.randint(len(present), (1,), generator=gen))]
                 s = train_set[holders[c][int(torch.randint(len(holders[c]), (1,), generator=gen))]]
             else:
-                c, s = None, train_set[int(torch.randint(len(train_set), (1,), generator=gen))]
+                c, s = None, train_set[usable[int(torch.randint(len(usable), (1,), generator=gen))]]
             n = s["gt_image"].shape[-1]
             crop = min(recipe.crop_px, n)
             if crop % 2 ** recipe.depth:
@@ -158,17 +264,23 @@ def _train(net: torch.nn.Module, train_set, recipe: SegmentationRecipe, path: Pa
             if c is None:
                 y, x = torch.randint(n - crop + 1, (2,), generator=gen).tolist()
             else:
-                pixels = (s["tissue_labels"][0] == c).nonzero()
+                pixels = (s[key][0] == c).nonzero()
                 cy, cx = pixels[int(torch.randint(len(pixels), (1,), generator=gen))].tolist()
                 y, x = min(max(cy - crop // 2, 0), n - crop), min(max(cx - crop // 2, 0), n - crop)
             image.append(s["gt_image"][:, y:y + crop, x:x + crop])
-            labels.append(s["tissue_labels"][0, y:y + crop, x:x + crop])
-        image, labels = torch.stack(image), torch.stack(labels)
+            labels.append(s[key][0, y:y + crop, x:x + crop])
+        image, labels = torch.stack(image), recipe.merge_sides(torch.stack(labels))
         flip = torch.rand(recipe.batch_size, generator=gen) < 0.5
         image = torch.where(flip[:, None, None, None], image.flip(-1), image)
         labels = torch.where(flip[:, None, None], labels.flip(-1), labels)
         logits = net(recipe.inputs(image))
-        loss = F.cross_entropy(logits, labels) + recipe.dice_weight * soft_dice_loss(logits, labels)
+        if ignore is None:
+            loss = F.cross_entropy(logits, labels) + recipe.dice_weight * soft_dice_loss(logits, labels)
+        elif (labels != ignore).any():
+            loss = (F.cross_entropy(logits, labels, ignore_index=ignore)
+                    + recipe.dice_weight * soft_dice_loss(logits, labels, ignore))
+        else:  # every crop unlabelled (a slice labelled in part): nothing to learn from this batch
+            loss = logits.sum() * 0
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -188,22 +300,33 @@ def segment(net: torch.nn.Module, recipe: SegmentationRecipe, restored_hu: torch
     against label maps ``(B, 1, H, W)`` (int64), torchmetrics ``mean_iou`` per class; NaN for a class absent from
     the slice's label map (skipped by the means), as MONAI's ``compute_iou(..., ignore_empty=True)``: a slice
     without lung says nothing of how well lung is segmented, and pixels wrongly given a class there still lower
-    the IoU of the class they belong to.
+    the IoU of the class they belong to. Pixels labelled ``recipe.ignore_index`` are not scored (``iou_of_maps``).
     """
     with torch.no_grad():
-        pred = net.to(restored_hu.device)(recipe.inputs(restored_hu)).argmax(1)
-    return iou_of_maps(pred, labels, recipe.classes)
+        pred = recipe.split_sides(net.to(restored_hu.device)(recipe.inputs(restored_hu)).argmax(1))
+    return iou_of_maps(pred, labels, recipe.classes, recipe.ignore_index)
 
 
-def iou_of_maps(pred: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+def iou_of_maps(pred: torch.Tensor, labels: torch.Tensor, classes: int,
+                ignore_index: int | None = None) -> torch.Tensor:
     """Per-class IoU ``(B, classes)`` float64 of class maps ``pred`` ``(B, H, W)`` against ``labels``
     ``(B, 1, H, W)``, NaN where the class is not in the slice's labels (``segment``).
+
+    Pixels labelled ``ignore_index`` count in neither the intersection nor the union (they are moved, in both maps,
+    to an extra class that is dropped); a slice labelled ``ignore_index`` everywhere is NaN throughout.
 
     >>> labels = torch.tensor([[[[0, 0], [1, 1]]]])
     >>> pred = torch.tensor([[[0, 2], [1, 1]]])  # one air pixel called class 2, absent from the labels
     >>> iou_of_maps(pred, labels, 3).tolist()
     [[0.5, 1.0, nan]]
+    >>> iou_of_maps(pred, torch.tensor([[[[0, -1], [1, 1]]]]), 3, ignore_index=-1).tolist()  # that pixel unlabelled
+    [[1.0, 1.0, nan]]
     """
+    if ignore_index is not None:
+        ignored = labels == ignore_index
+        pred = torch.where(ignored[:, 0], torch.full_like(pred, classes), pred)
+        labels = torch.where(ignored, torch.full_like(labels, classes), labels)
+        return iou_of_maps(pred, labels, classes + 1)[:, :classes]
     per_class = mean_iou(pred, labels[:, 0], num_classes=classes, per_class=True, input_format="index")
     present = F.one_hot(labels[:, 0], classes).flatten(1, 2).any(1)
     return torch.where(present, per_class, torch.full_like(per_class, float("nan"))).double()

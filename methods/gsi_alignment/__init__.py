@@ -12,6 +12,8 @@ Modules, one concept each:
 * ``alunet``: the alignment network ALU-Net (Sec. 3.3, Eq. 8-9) with the metal-mask and implant-type priors, and
   its plain variant (Table 1).
 * ``losses``: the information invariant loss (Sec. 3.4, Eq. 10-12) and the alignment objective (Eq. 13, Sec. 5.1).
+* ``method``: the registered method ``gsi-alignment`` (``GSIAlignment``): the two training stages, the Table 1
+  ablation variants and the paper-vs-ours tables.
 
 Each module's docstring walks through its equations and lists its departures and readings.
 """
@@ -27,6 +29,7 @@ from .losses import (
     pool_embedding,
     total_loss,
 )
+from .method import SCALES, VARIANTS, GSIAlignment, PretrainRecipe, pretrain, pretrained
 from .vae import (
     ARVAE,
     AUGMENTATIONS,
@@ -54,6 +57,10 @@ __all__ = [
     "KL_WEIGHT",
     "METAL_THRESHOLD_HU",
     "ALUNet",
+    "GSIAlignment",
+    "PretrainRecipe",
+    "SCALES",
+    "VARIANTS",
     "AlignmentLoss",
     "InvarianceEncoders",
     "centre_slice",
@@ -66,6 +73,8 @@ __all__ = [
     "mask_to_grid",
     "metal_mask",
     "pool_embedding",
+    "pretrain",
+    "pretrained",
     "total_loss",
     "unit_to_hu",
     "vae_loss",

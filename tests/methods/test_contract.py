@@ -15,9 +15,12 @@ NAMES = METHODS.names()
 
 @pytest.fixture(scope="module")
 def contract_batch(tiny_batch):
-    """Four 128 x 128 body slices of the tiny benchmark with every key a dataset provides."""
+    """Four 128 x 128 body slices of the tiny benchmark with every key a dataset provides; the ArtifactGSI keys of
+    volume-input methods (``marbench.datasets.artifactgsi``) are added: a stack of three copies of the slice and
+    the implant type ``none``."""
     _, batch = tiny_batch
-    return batch
+    ma = batch["ma_image"]
+    return {**batch, "ma_stack": ma.repeat(1, 3, 1, 1), "implant_index": torch.zeros(ma.shape[0], dtype=torch.int64)}
 
 
 @pytest.fixture(scope="module")
