@@ -39,23 +39,17 @@ the analogue with the suite's polychromatic chain (``simulation.py``):
    geometry's kernel, HU with ``mu_water(E)`` from xraydb: ``HU = 1000 (mu - mu_water(E)) / mu_water(E)``.
    Beam hardening leaves (``p_E`` is linear in the object); noise and starvation stay.
 
-6. Optional (``metal_inpainting``), an analogue of GE's GSI + MARs, a projection-completion method: inside the
-   metal trace the VMI sinogram is replaced by NMAR (Meyer, Raupach, Lell, Schmidt & Kachelriess, "Normalized
-   metal artifact reduction (NMAR) in computed tomography", Med. Phys. 37:5482, 2010;
-   ``inpainting.nmar_correction`` with the prior's water at ``energy_kev``), and after the FBP the metal pixels
-   are set to the metal's attenuation at ``energy_kev``, as MAR pipelines reinsert the metal. The known metal
-   mask stands in for MARs' metal segmentation; NMAR's secondary artifacts stay. The metal goes back into the
-   image, not the sinogram: adding its exact VMI line integrals ``a_metal (mu/rho)_metal(E)`` to the inpainted
-   sinogram instead paints the FBP's aliasing streaks of the metal edges back over the body (noise-free
-   128-pixel phantoms, LI inside the trace, streak RMSE outside the metal: fixation plate 92 HU with the metal
-   in the sinogram against 28 HU without it, hip prosthesis 144 against 56 HU).
+6. Optional (``metal_inpainting``), an analogue of GE's GSI + MARs: inside the metal trace the VMI sinogram is
+   replaced by per-view linear interpolation (Kalender et al., Radiology 164:576, 1987;
+   ``inpainting.linear_interpolation``) and the metal's own VMI line integral ``a_metal (mu/rho)_metal(E)`` is
+   added back. The known metal mask stands in for MARs' metal segmentation; LI's secondary artifacts stay.
 
 Optionally the ordinary 120 kVp scan of the same object, through ``simulate_scan`` itself, for comparison
 (it is the scan the ArtifactGSI pairs with the GSI series).
 
 Departures from GE's GSI: simultaneous (not alternating-view) low and high kVp readings on every view, no
 kVp rise/fall time or spectral blur between views, no image-domain noise reduction (GE's ASiR) of the basis
-images, no dedicated metal-artifact reduction (GE's MARs) unless ``metal_inpainting`` asks for the NMAR analogue.
+images, no dedicated metal-artifact reduction (GE's MARs) unless ``metal_inpainting`` asks for the LI analogue.
 Consequence to expect: behind dense metal the 80 kVp scan starves long before the 140 kVp (or a 120 kVp) scan,
 and the decomposition amplifies that error; without noise the VMI removes most metal beam hardening, with
 noise at the default photon counts the plain VMI's metal streaks exceed the 120 kVp image's (the reason GE
@@ -73,7 +67,7 @@ import numpy as np
 import torch
 
 from .fbp import resolve_filter
-from .inpainting import nmar_correction
+from .inpainting import linear_interpolation
 from .projector import Projector
 from .simulation import SimulatedScan, SimulationConfig, _detect, _tissue_densities, simulate_scan
 from .spectrum import MATERIALS, Spectrum
@@ -154,7 +148,7 @@ class GSIScan:
     gt_mono_image: torch.Tensor  # metal-free VMI (same noise draw as the metal scan)
     ma_mono_image: torch.Tensor  # VMI of the metal scan
     gt_mono_sinogram: torch.Tensor  # p_E, mm^-1 * mm
-    ma_mono_sinogram: torch.Tensor  # with metal_inpainting: NMAR-completed, the metal not in it
+    ma_mono_sinogram: torch.Tensor
     gt_basis_sinograms: torch.Tensor  # (B, 2, V, C) A_j of the metal-free scan, g/cm^3 * mm
     ma_basis_sinograms: torch.Tensor  # (B, 2, V, C) A_j of the metal scan
     metal_mask: torch.Tensor
@@ -315,13 +309,10 @@ def simulate_gsi(projector: Projector, hu_image: torch.Tensor, metal_masks: Mapp
                                                           config.basis_clamp_mm, config.tolerance)
         sino = torch.einsum("bjvc,j->bvc", a, mono_b).unsqueeze(1).to(hu.dtype)
         if key == "ma" and config.metal_inpainting and metal_names:
-            sino, mu = nmar_correction(projector, sino, trace, kernel, mu_water_per_mm=mu_water_e)
-            image = mu_to_hu(mu, mu_water_e)
-            for m in metal_names:  # the metal goes back into the image, not the sinogram (module docstring)
-                image = torch.where(metal_masks[m], mu_to_hu(float(MATERIALS[m].mu_per_mm(e)[0]), mu_water_e), image)
-        else:
-            image = mu_to_hu(projector.fbp(sino, kernel), mu_water_e)
-        out[key] = (a, sino, image, clamped, unconverged)
+            metal_line = sum(under[2 + i] * float(MATERIALS[m].mass_attenuation_cm2_g(e)[0]) / 10.0
+                             for i, m in enumerate(metal_names)).unsqueeze(1)
+            sino = linear_interpolation(sino, trace) + metal_line
+        out[key] = (a, sino, mu_to_hu(projector.fbp(sino, kernel), mu_water_e), clamped, unconverged)
     ordinary = None
     if config.ordinary is not None:
         ordinary = simulate_scan(projector, hu_image, metal_masks, config.ordinary, seeds)

@@ -96,7 +96,7 @@ def nmar_prior(li_image_mu: torch.Tensor, mu_water_per_mm: float, air_threshold_
 
 
 def nmar_correction(projector: Projector, sinogram: torch.Tensor, trace: torch.Tensor,
-                    filter_name: str | None = None, offset: float = 0.1, mu_water_per_mm: float | None = None,
+                    filter_name: str | None = None, offset: float = 0.1,
                     **prior_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """NMAR-corrected sinogram ``(B, 1, V, C)`` and its FBP ``(B, 1, N, N)`` in mm^-1 (Meyer et al. 2010).
 
@@ -104,12 +104,9 @@ def nmar_correction(projector: Projector, sinogram: torch.Tensor, trace: torch.T
     water): rays that graze the body have a near-zero prior, and dividing their noise by it, then multiplying
     back inside the trace, would paint streaks across small bodies (measured on the knee and neck phantoms).
     ``filter_name`` is the FBP kernel of both reconstructions, ``None`` for the geometry's ``default_filter``.
-    ``mu_water_per_mm`` is the water attenuation of the prior's HU classes, ``None`` for the geometry's
-    convention (a virtual monoenergetic sinogram passes its energy's).
     """
     _, li_image = li_correction(projector, sinogram, trace, filter_name)
-    mu_water = projector.geometry.mu_water_per_mm if mu_water_per_mm is None else mu_water_per_mm
-    prior = nmar_prior(li_image, mu_water, **prior_kwargs)
+    prior = nmar_prior(li_image, projector.geometry.mu_water_per_mm, **prior_kwargs)
     prior_sino = projector.fp(prior) + offset
     normalised = linear_interpolation((sinogram + offset) / prior_sino, trace)
     corrected = torch.where(trace, normalised * prior_sino - offset, sinogram)
