@@ -332,8 +332,8 @@ class GSIAlignment(MARMethod):
             order_metric="",
             note="paper: the baselines with their released weights (not fine-tuned), DuDoDp not in the suite, an "
                  "unnamed segmentation network; ours: every row trained on the analogue, the suite's U-Net "
-                 "segmenter (protocol artifactgsi-segmentation); LI and OSCNet put the metal back, so their "
-                 "implant IoU is the input's"),
+                 "segmenter (protocol artifactgsi-segmentation); LI and OSCNet put the metal back, so the implant "
+                 "stays in their images (the paper's LI and OSNet rows, about 0.1, lose it)"),
         PaperTable(
             name="gsi-alignment-comparison",
             source=f"{_PAPER}, Table 3 (comparison on ArtifactGSI)",
