@@ -8,8 +8,9 @@ the package versions. ``verify_records``
 1. reads the records and groups them by row (the same configuration but for the evaluator's protocols), so that a
    trainable row is trained once for all its records;
 2. refuses, naming what differs, before anything runs, when the data folder's manifest (or, with
-   ``check_files``, any file it lists), the split, a protocol's weight files or conventions, or the method's
-   weight files are not the record's, or when this code does not define the record's protocol version (a record
+   ``check_files``, any file it lists), the split, a protocol's weight files or conventions, or the weight files
+   of a method without training are not the record's, or when this code does not define the record's protocol
+   version (a record
    of an older version that it still defines, ``get_protocol(name, version)``, is re-run under that version);
 3. re-runs each row from its configuration (the evaluator restricted to the records' protocols, writing to a
    temporary folder; ``data_root`` replaces the data folder): ``fit`` with the record's seed if the method is
@@ -21,7 +22,10 @@ the package versions. ``verify_records``
 Values agree within ``TOLERANCES`` (one table, per metric) or else ``DEFAULT_TOLERANCE``: equal up to float64
 round-off (the rows are deterministic: ``seed_everything``, ``trainer.deterministic``, a seeded training order).
 The per-slice timings are measurements, not results: they are shown, never compared. Package versions that differ
-from the record's are reported (``package_differences``) but do not refuse: they explain a disagreement.
+from the record's are reported (``package_differences``) but do not refuse: they explain a disagreement. So are a
+trainable method's weights that differ from the record's after the re-run: ``fit`` may build them from the data
+(a pre-training cached by data, split and recipe, as ``gsi-alignment``'s ARVAE or ``lora-editor``'s stand-in
+backbone), so they exist only after it, and the trained weights themselves are the re-run's, not the record's.
 
 ``main`` is the command: it prints the table (metric, committed, re-run, difference, tolerance, ok) and returns
 0 when every value agrees, 1 otherwise, 2 when verification is refused.
@@ -350,7 +354,7 @@ def _build(config: dict, path: Path):
 
 def check_inputs(records: list, cli, protocols: list, *, check_files: bool = True) -> None:
     """Check, before re-running, that a row's inputs are the records': data manifest (and, with ``check_files``,
-    every file it lists), split, protocol weight files, the method's weight files.
+    every file it lists), split, protocol weight files, the weight files of a method without training.
 
     Args:
         records: the row's records (``Record``); cli: the row's ``MarbenchCLI`` (not run); protocols: the
@@ -390,6 +394,8 @@ def check_inputs(records: list, cli, protocols: list, *, check_files: bool = Tru
             if recorded.get(name) != sha:
                 raise VerifyRefused(f"{where}: weights differ: the record's {name!r} sha256 is "
                                     f"{recorded.get(name)}, this machine's is {sha}")
+        if cli.model.card.trainable:  # its weights may come from fit: reported after the re-run
+            continue
         found_weights = cli.model.weights_info()
         if record.method.get("weights", {}) != found_weights:
             raise VerifyRefused(f"{where}: method weights differ: the record's are {record.method.get('weights')}, "
@@ -466,6 +472,9 @@ def verify_records(paths: list[Path], *, data_root: str | None = None, workdir: 
                     raise VerifyRefused(f"{record.path}: weights differ: the record's protocol weights are "
                                         f"{record.protocol.get('weights_sha256')}, the re-run's "
                                         f"{rerun.protocol.get('weights_sha256')}")
+                if rerun.method.get("weights", {}) != record.method.get("weights", {}):
+                    log(f"note: {record.name}: method weights differ from the record's: "
+                        f"{record.method.get('weights')} -> {rerun.method.get('weights')}")
                 reruns[record.name] = rerun
         rows = [row for record in records for row in compare_records(record, reruns[record.name], default)]
     return rows, all(r.ok for r in rows)
