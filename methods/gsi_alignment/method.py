@@ -236,7 +236,8 @@ def pretrain(slices: dict[str, torch.Tensor], recipe: PretrainRecipe,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    log(f"gsi-alignment pre-training: Eq. 11 objective {float(loss):.4f} after {recipe.contrastive_steps} steps")
+    log(f"gsi-alignment pre-training: Eq. 11 objective {float(loss.detach()):.4f} after "
+        f"{recipe.contrastive_steps} steps")
     return vae, invariance.freeze()
 
 
