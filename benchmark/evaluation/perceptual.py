@@ -207,6 +207,26 @@ class LPIPSVGG(nn.Module):
         return val.flatten()
 
 
+def _pick_weights(name: str, weights: str) -> str | None:
+    """The weights registry ``name`` a backbone loads under a weights mode, or None for its seeded random trunk:
+    ``"local"`` always ``name`` (``weights.resolve`` then raises for a missing file), ``"random"`` always None,
+    ``"auto"`` ``name`` when its file is present, else None.
+
+    Raises:
+        ValueError: unknown ``weights``.
+    """
+    if weights not in ("auto", "local", "random"):
+        raise ValueError(f"weights must be 'auto', 'local' or 'random', found {weights!r}")
+    if weights == "random":
+        return None
+    if weights == "auto":
+        try:
+            resolve(name)
+        except FileNotFoundError:
+            return None
+    return name
+
+
 class LPIPSAlex(LPIPSVGG):
     """LPIPS v0.1 with the AlexNet backbone (the ``lpips`` package's default network): the package's network and
     linear heads (``lpips/weights/v0.1/alex.pth``, shipped with it), the AlexNet trunk loaded from the local
@@ -238,16 +258,8 @@ def lpips_alex(weights: str = "auto") -> LPIPSAlex:
     Raises:
         ValueError: unknown ``weights``; FileNotFoundError / ValueError (``local``): as ``weights.resolve``.
     """
-    if weights not in ("auto", "local", "random"):
-        raise ValueError(f"weights must be 'auto', 'local' or 'random', found {weights!r}")
     if weights not in _LPIPS_ALEX:
-        name = None if weights == "random" else "alexnet-lpips"
-        if weights == "auto":
-            try:
-                resolve(name)
-            except FileNotFoundError:
-                name = None
-        _LPIPS_ALEX[weights] = LPIPSAlex(name)
+        _LPIPS_ALEX[weights] = LPIPSAlex(_pick_weights("alexnet-lpips", weights))
     return _LPIPS_ALEX[weights]
 
 
@@ -316,22 +328,9 @@ class Backbones(nn.Module):
 
     def __init__(self, weights: str = "auto"):
         super().__init__()
-        if weights not in ("auto", "local", "random"):
-            raise ValueError(f"weights must be 'auto', 'local' or 'random', found {weights!r}")
-
-        def pick(name):
-            if weights == "random":
-                return None
-            if weights == "auto":
-                try:
-                    resolve(name)
-                except FileNotFoundError:
-                    return None
-            return name
-
-        self.lpips = LPIPSVGG(pick(self.REGISTRY["lpips"]))
-        self.inception = InceptionFeatures(pick(self.REGISTRY["inception"]))
-        self.radimagenet = RadImageNetFeatures(pick(self.REGISTRY["radimagenet"]))
+        self.lpips = LPIPSVGG(_pick_weights(self.REGISTRY["lpips"], weights))
+        self.inception = InceptionFeatures(_pick_weights(self.REGISTRY["inception"], weights))
+        self.radimagenet = RadImageNetFeatures(_pick_weights(self.REGISTRY["radimagenet"], weights))
 
     def weights_sha256(self) -> dict[str, str]:
         """Registry name -> sha256 of the file used, or ``"random"``."""

@@ -445,12 +445,19 @@ class Segmentation(Protocol):
     recipe: SegmentationRecipe = field(default_factory=SegmentationRecipe)
     _datamodule: object = field(default=None, compare=False, repr=False)
     requires: ClassVar[tuple[str, ...]] = ("tissue_labels",)
+    first_scored_class: ClassVar[int] = 0  # classes before it are segmented but not scored
+    miou_description: ClassVar[str] = "mean IoU over the tissue classes present"
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """The scored classes: ``recipe.class_names`` from ``first_scored_class`` on."""
+        return self.recipe.class_names[self.first_scored_class:]
 
     @property
     def metrics(self) -> tuple[MetricSpec, ...]:
-        return (MetricSpec("miou", True, "", 4, description="mean IoU over the tissue classes present"),
+        return (MetricSpec("miou", True, "", 4, description=self.miou_description),
                 *(MetricSpec(f"iou_{c}", True, "", 4, description=f"IoU of {c.replace('_', ' ')}", figure=False)
-                  for c in self.recipe.class_names))
+                  for c in self.structures))
 
     def bind(self, datamodule) -> "Segmentation":
         return replace(self, _datamodule=datamodule)
@@ -461,9 +468,10 @@ class Segmentation(Protocol):
         return segmenter(self._datamodule, self.recipe)
 
     def score(self, pred_hu, batch):
-        per_class = segment(self._segmenter()[0], self.recipe, pred_hu, batch["tissue_labels"])
+        per_class = segment(self._segmenter()[0], self.recipe, pred_hu, batch[self.recipe.label_key])
+        per_class = per_class[:, self.first_scored_class:]
         out = {"miou": torch.nanmean(per_class, dim=1)}
-        out.update({f"iou_{c}": per_class[:, k] for k, c in enumerate(self.recipe.class_names)})
+        out.update({f"iou_{c}": per_class[:, k] for k, c in enumerate(self.structures)})
         return out
 
     def weights_sha256(self) -> dict[str, str]:
@@ -583,24 +591,8 @@ class ArtifactGSISegmentation(Segmentation):
     version: str = "1"
     recipe: SegmentationRecipe = field(default_factory=lambda: ARTIFACTGSI_RECIPE)
     requires: ClassVar[tuple[str, ...]] = ("labels",)
-
-    @property
-    def structures(self) -> tuple[str, ...]:
-        """The scored classes: every class but the background (class 0)."""
-        return self.recipe.class_names[1:]
-
-    @property
-    def metrics(self) -> tuple[MetricSpec, ...]:
-        return (MetricSpec("miou", True, "", 4, description="mean IoU over the implant, pelvis and femur structures "
-                                                            "present"),
-                *(MetricSpec(f"iou_{c}", True, "", 4, description=f"IoU of {c.replace('_', ' ')}", figure=False)
-                  for c in self.structures))
-
-    def score(self, pred_hu, batch):
-        per_class = segment(self._segmenter()[0], self.recipe, pred_hu, batch[self.recipe.label_key])[:, 1:]
-        out = {"miou": torch.nanmean(per_class, dim=1)}
-        out.update({f"iou_{c}": per_class[:, k] for k, c in enumerate(self.structures)})
-        return out
+    first_scored_class: ClassVar[int] = 1  # the background is segmented, not scored
+    miou_description: ClassVar[str] = "mean IoU over the implant, pelvis and femur structures present"
 
 
 def level_lpips(lpips_net, pred01: torch.Tensor, target01: torch.Tensor, metal_mask: np.ndarray, side_px: int,
