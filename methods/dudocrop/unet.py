@@ -91,8 +91,11 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = 1e-5 if x.dtype in (torch.float32, torch.float64) else 1e-3
-        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + eps) * self.g
+        # mean, then the mean square of the centred values: the same population variance as torch.var_mean over
+        # dim 1, whose strided reduction over a few channels took a fifth of the sinogram network's CPU time
+        centred = x - x.mean(dim=1, keepdim=True)
+        var = (centred * centred).mean(dim=1, keepdim=True)
+        return centred * torch.rsqrt(var + eps) * self.g
 
 
 class ResBlock(nn.Module):

@@ -62,11 +62,11 @@ class StandinRecipe:
 
     size: str = "standin"
     seed: int = 0
-    vae_steps: int = 2500
+    vae_steps: int = 1000
     vae_batch: int = 8
     vae_crop: int = 64
     vae_lr: float = 1e-3
-    transformer_steps: int = 1200
+    transformer_steps: int = 500
     transformer_crop: int = 128
     transformer_lr: float = 1e-3
     noise_std: float = 0.05

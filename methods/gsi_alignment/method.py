@@ -293,7 +293,7 @@ class GSIAlignment(MARMethod):
             "stage 1 (ARVAE, invariance encoders) pre-trained once per split and recipe with its own seed, cached; "
             "training seeds vary the alignment stage",
             "CPU smoke scale: narrow ARVAE (16-64 channels, latent 8 x H/4 x W/4) and ALU-Net (32-128), lr 1e-3, "
-            "1000 + 500 steps (paper: Stable Diffusion VAE, latent 4 x H/8 x W/8, lr 1e-5, 10 + 50 epochs)",
+            "1000 + 200 steps (paper: Stable Diffusion VAE, latent 4 x H/8 x W/8, lr 1e-5, 10 + 50 epochs)",
             "gamma of Eq. 11 not given: 1 / (B - 1) on L2-normalised embeddings; L_inv as a mean (losses)",
         ))
 
