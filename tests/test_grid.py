@@ -198,6 +198,11 @@ def test_the_committed_grids_cover_every_row_config_and_registered_method(monkey
             classes.add(type(cli.model))
             if cli.model.card.trainable and row.config.stem not in single_seed:
                 assert len(row.seeds) >= 3, f"{row.config}: a trainable main row needs three training seeds"
+            # an ablation row scored under fewer protocols is still scored under each of its paper tables'
+            scored = set(grid.protocols or [p.name for p in cli.evaluators()[0].protocols])
+            for table in type(cli.model).paper_tables:
+                if cli.model.card.name in {name for name, _ in table.rows}:
+                    assert table.protocol in scored, f"{row.config}: its {table.name} table reads {table.protocol}"
     assert {cls for _, cls in METHODS.items()} <= classes
 
 
