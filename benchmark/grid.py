@@ -7,7 +7,11 @@ A grid file (YAML, ``configs/grids/smoke.yaml`` is the one ``make bench`` runs) 
 - ``datasets``: ``name`` (the records' dataset name), ``root`` and ``split``, and ``preset`` for a synthetic
   benchmark that the runner generates (or resumes) first;
 - ``rows``: row configs (``configs/bench/<row>.yaml``), each with its training ``seeds`` (default: the grid's
-  ``seeds``) and optionally its ``datasets`` (default: all);
+  ``seeds``) and optionally its ``datasets`` (default: all) and ``weights_from``: another row whose config differs
+  from this one only in the method's test-time arguments (``MARMethod.test_time_args``, e.g. the LoRA editor's
+  ensemble size) and in the evaluators, so both train the same weights: the job loads that row's trained weights
+  (same dataset and seed) when its job is up to date, and trains them itself otherwise (the same weights, e.g. when a
+  Slurm array runs both at once);
 - ``protocols`` (default: the base config's) and ``extra_seed_protocols``: the protocols that the further seeds of
   a row (all but its first) are evaluated under;
 - ``work_dir`` (staging records, training checkpoints, trained weights, job markers, submitit logs) and
@@ -18,14 +22,15 @@ A grid file (YAML, ``configs/grids/smoke.yaml`` is the one ``make bench`` runs) 
   ``array_parallelism``, ``account``, ``qos``, ``setup``...).
 
 It expands into one **job** per dataset x row x seed: build the row (``marbench.row.build_row``), fit it if the
-method is trainable (Lightning's ``last.ckpt`` after every epoch; a re-run job resumes from it), save its weights,
-evaluate it on the test split and, for protocols that score them, the metal sweeps. The job's evaluators write
-into a staging folder; only when the job has finished are its records moved into ``results`` (each by an atomic
-rename) and its marker written (``<work_dir>/jobs/<job>.json``: the job's key, every record's sha256, timings).
-A job is up to date when its marker has the key of the job as now configured (row and base config bytes, dataset
-and split digests, seed, protocols, the package's source digest, library versions) and its records are still
-the ones it wrote; the runner runs every other job. So a job killed at any point (SIGKILL included) leaves no
-record behind under ``results``, and the next run re-does that job only.
+method is trainable (Lightning's ``last.ckpt`` after every epoch with the random states of
+``marbench.resume.RandomStateCheckpoint``, and the job key it was written under: a re-run job resumes from it,
+exactly, unless the key changed), save its weights, evaluate it on the test split and, for protocols that score
+them, the metal sweeps. The job's evaluators write into a staging folder; only when the job has finished are its
+records moved into ``results`` (each by an atomic rename) and its marker written (``<work_dir>/jobs/<job>.json``:
+the job's key, every record's sha256, timings). A job is up to date when its marker has the key of the job as now
+configured (row and base config bytes, dataset and split digests, seed, protocols, the package's source digest,
+library versions) and its records are still the ones it wrote; the runner runs every other job. So a job killed at
+any point (SIGKILL included) leaves no record behind under ``results``, and the next run re-does that job only.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from marbench.files import atomic_write_json, library_versions, sha256_file, source_digest
+from marbench.files import atomic_write, atomic_write_json, library_versions, sha256_file, source_digest
 
 __all__ = ["Grid", "GridDataset", "GridRow", "Job", "load_grid", "job_key", "job_done", "run_job", "run_grid",
            "GridTask", "rerun", "timing_table", "SMOKE_GRID", "EXECUTORS"]
@@ -75,18 +80,21 @@ class GridRow:
     config: Path
     seeds: tuple[int, ...]
     datasets: tuple[str, ...]
+    weights_from: Path | None = None
 
 
 @dataclass(frozen=True)
 class Job:
     """One dataset x row x training seed: ``protocols`` ``None`` means the config's list; ``example``: this job
-    draws the row's qualitative panel (the row's first seed)."""
+    draws the row's qualitative panel (the row's first seed); ``weights_from``: the row config whose job of the same
+    dataset and seed trains this job's weights (the grid file's ``weights_from``)."""
 
     dataset: GridDataset
     config: Path
     seed: int
     protocols: tuple[str, ...] | None
     example: bool
+    weights_from: Path | None = None
 
     @property
     def id(self) -> str:
@@ -125,7 +133,7 @@ class Grid:
                 for seed in row.seeds:
                     first = seed == row.seeds[0]
                     protocols = self.protocols if first else (self.extra_seed_protocols or self.protocols)
-                    out.append(Job(by_name[name], row.config, seed, protocols, first))
+                    out.append(Job(by_name[name], row.config, seed, protocols, first, row.weights_from))
         return out
 
     def job(self, job_id: str) -> Job:
@@ -138,6 +146,12 @@ class Grid:
             if j.id == job_id:
                 return j
         raise KeyError(f"{self.path}: no job {job_id!r}; the grid's jobs: {[j.id for j in self.jobs()]}")
+
+    def weights_source(self, job: Job) -> Job | None:
+        """The job whose trained weights ``job`` takes (``weights_from``), or ``None``."""
+        if job.weights_from is None:
+            return None
+        return self.job(f"{job.dataset.name}__{job.weights_from.stem}__seed{job.seed}")
 
     def marker(self, job: Job) -> Path:
         return self.work_dir / "jobs" / f"{job.id}.json"
@@ -178,7 +192,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
     Raises:
         FileNotFoundError: the grid file or a row config is missing.
         ValueError: an unknown key, a row naming an unknown dataset, bad seeds, two rows with one config, an
-            unknown executor (each message names the file and what was expected and found).
+            unknown executor, a ``weights_from`` row that is not another row of the grid covering this row's
+            datasets and seeds, or whose training differs (each message names the file and what was expected and
+            found).
     """
     import yaml
 
@@ -205,8 +221,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
     rows, seen = [], set()
     for i, r in enumerate(spec.get("rows") or []):
         r = {"config": r} if isinstance(r, str) else r
-        if "config" not in r or set(r) - {"config", "seeds", "datasets"}:
-            raise ValueError(f"{path}: rows[{i}] needs config (and optionally seeds, datasets), found {sorted(r)}")
+        if "config" not in r or set(r) - {"config", "seeds", "datasets", "weights_from"}:
+            raise ValueError(f"{path}: rows[{i}] needs config (and optionally seeds, datasets, weights_from), "
+                             f"found {sorted(r)}")
         config = Path(r["config"])
         if not config.is_file():
             raise FileNotFoundError(f"{path}: rows[{i}]: config {config} not found")
@@ -218,12 +235,15 @@ def load_grid(path: str | os.PathLike) -> Grid:
             raise ValueError(f"{path}: rows[{i}] names datasets {sorted(set(names) - set(known))}; the grid's "
                              f"datasets are {known}")
         seeds = _seed_list(r["seeds"], f"{path}: rows[{i}] ({config.stem})") if "seeds" in r else default_seeds
-        rows.append(GridRow(config, seeds, names))
+        rows.append(GridRow(config, seeds, names, Path(r["weights_from"]) if r.get("weights_from") else None))
     if not rows:
         raise ValueError(f"{path}: no rows")
     base = Path(spec["base"]) if spec.get("base") else None
     if base is not None and not base.is_file():
         raise FileNotFoundError(f"{path}: base config {base} not found")
+    for row in rows:
+        if row.weights_from is not None:
+            _check_weights_from(path, row, rows, base)
     executor = spec.get("executor") or {}
     if executor.get("name", "local") not in EXECUTORS:
         raise ValueError(f"{path}: executor.name must be one of {list(EXECUTORS)}, found {executor.get('name')!r}")
@@ -234,8 +254,66 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 work_dir=work_dir, leaderboard=Path(spec.get("leaderboard") or "leaderboards"), executor=executor)
 
 
+def _training_config(config: Path, base: Path | None) -> dict:
+    """A row config without what does not touch training: the method's ``test_time_args`` and the evaluators."""
+    import importlib
+
+    import yaml
+
+    spec = yaml.safe_load(config.read_text()) or {}
+    model = spec.get("model") or {}
+    module, name = _class_path(config, base).rsplit(".", 1)
+    test_time = getattr(getattr(importlib.import_module(module), name), "test_time_args", ())
+    if model.get("init_args"):
+        model["init_args"] = {k: v for k, v in model["init_args"].items() if k not in test_time}
+    # a row's callbacks replace the base's (LightningCLI replaces lists): compare the ones in effect
+    trainer = spec.get("trainer") or {}
+    base_trainer = ((yaml.safe_load(base.read_text()) or {}).get("trainer") or {}) if base is not None else {}
+    callbacks = trainer["callbacks"] if "callbacks" in trainer else base_trainer.get("callbacks")
+    trainer["callbacks"] = [cb for cb in callbacks or []
+                            if not str((cb or {}).get("class_path", "")).endswith("evaluator.Evaluator")]
+    spec["trainer"] = trainer
+    return spec
+
+
+def _differences(a, b, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))]
+    return [] if a == b else [f"{where or '(whole config)'}: {a!r} vs {b!r}"]
+
+
+def _check_weights_from(path: Path, row: GridRow, rows: list[GridRow], base: Path | None) -> None:
+    source = next((r for r in rows if r.config == row.weights_from), None)
+    where = f"{path}: {row.config.stem}: weights_from {row.weights_from}"
+    if source is None or source is row:
+        raise ValueError(f"{where}: expected another row of the grid, found {[r.config.as_posix() for r in rows]}")
+    if source.weights_from is not None:
+        raise ValueError(f"{where}: that row takes its own weights from {source.weights_from}; name the row "
+                         f"that trains")
+    if set(row.seeds) - set(source.seeds) or set(row.datasets) - set(source.datasets):
+        raise ValueError(f"{where}: expected its seeds and datasets to cover this row's {list(row.seeds)} on "
+                         f"{list(row.datasets)}, found {list(source.seeds)} on {list(source.datasets)}")
+    diff = _differences(_training_config(row.config, base), _training_config(source.config, base))
+    if diff:
+        raise ValueError(f"{where}: the two rows must train alike (differ only in the method's test-time "
+                         f"arguments and the evaluators); they differ in {diff}")
+
+
 def _sha256_or_none(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
+
+
+def _class_path(config: Path, base: Path | None) -> str:
+    """A row's ``model.class_path``: the row config's, else the base's."""
+    import yaml
+
+    for path in (config, base):
+        if path is not None and path.is_file():
+            class_path = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("class_path")
+            if class_path:
+                return class_path
+    raise ValueError(f"{config}: no model.class_path in the row config or the base")
 
 
 def _method_source(config: Path, base: Path | None) -> dict[str, str]:
@@ -243,17 +321,7 @@ def _method_source(config: Path, base: Path | None) -> dict[str, str]:
     base's), or its whole subpackage when it lives in one (``marbench.methods.<name>.*``)."""
     import importlib
 
-    import yaml
-
-    class_path = None
-    for path in (config, base):
-        if path is not None and path.is_file():
-            class_path = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("class_path")
-            if class_path:
-                break
-    if not class_path:
-        raise ValueError(f"{config}: no model.class_path in the row config or the base")
-    module = class_path.rsplit(".", 1)[0]
+    module = _class_path(config, base).rsplit(".", 1)[0]
     package = importlib.import_module(module).__package__ or ""
     if package not in ("", "marbench.methods") and package.startswith("marbench.methods."):
         return source_digest((package,))
@@ -275,6 +343,8 @@ def job_key(grid: Grid, job: Job) -> str:
         "code": source_digest(_SOURCE_PACKAGES), "method_code": _method_source(job.config, grid.base),
         "libraries": library_versions(_LIBRARIES, missing="absent"),
     }
+    if job.weights_from is not None:  # its records depend on the source job's training
+        parts["weights_from"] = job_key(grid, grid.weights_source(job))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -322,8 +392,10 @@ def run_job(grid: Grid, job: Job, log=print) -> dict:
     Raises:
         ValueError: the row config has no marbench Evaluator.
     """
+    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from marbench.resume import RandomStateCheckpoint
     from marbench.row import evaluate_row
 
     key = job_key(grid, job)
@@ -334,19 +406,37 @@ def run_job(grid: Grid, job: Job, log=print) -> dict:
     staging = grid.staging(job)
     shutil.rmtree(staging, ignore_errors=True)  # records of an interrupted run of this job
     cli = _build_job(grid, job, staging)
-    fit_s = 0.0
-    if cli.model.card.trainable:
+    fit_s, resumed_from_epoch = 0.0, None
+    source = grid.weights_source(job)
+    if cli.model.card.trainable and source is not None and job_done(grid, source) and grid.weights(source).is_file():
+        log(f"{job.id}: the weights of {source.id} (the same training; the rows differ in test-time arguments)")
+        state = torch.load(grid.weights(source), map_location="cpu", weights_only=True)["state_dict"]
+        cli.model.load_state_dict(state)
+        grid.weights(job).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid.weights(source), grid.weights(job))
+    elif cli.model.card.trainable:
         ckpt_dir = grid.checkpoints(job)
-        # the configs switch Lightning's own checkpointing off; the runner adds the one it resumes from
-        cli.trainer.callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                                     every_n_epochs=1, save_on_train_epoch_end=True))
-        last = ckpt_dir / "last.ckpt"
+        # the configs switch Lightning's own checkpointing off; the runner adds the one it resumes from, written
+        # over at every epoch's end (save_last with save_top_k=0 writes last.ckpt only when training ends)
+        cli.trainer.callbacks.append(RandomStateCheckpoint())  # carried by the checkpoint: an exact resume
+        cli.trainer.callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                                     every_n_epochs=1, save_on_train_epoch_end=True,
+                                                     enable_version_counter=False))
+        last, owner = ckpt_dir / "last.ckpt", ckpt_dir / "job_key"
+        if last.is_file() and (not owner.is_file() or owner.read_text() != key):
+            # a checkpoint of this job id under another configuration, code or data: never resume from it
+            log(f"{job.id}: discarding {last}, written under another job key")
+            shutil.rmtree(ckpt_dir)
         if last.is_file():
-            log(f"{job.id}: resuming training from {last}")
+            resumed_from_epoch = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"])
+            log(f"{job.id}: resuming training from {last} (epoch {resumed_from_epoch})")
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(owner, key)
         t = time.perf_counter()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
         fit_s = time.perf_counter() - t
-        cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
+        cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks
+                                 if not isinstance(cb, (ModelCheckpoint, RandomStateCheckpoint))]
         grid.weights(job).parent.mkdir(parents=True, exist_ok=True)
         cli.trainer.save_checkpoint(grid.weights(job), weights_only=True)
     t = time.perf_counter()
@@ -366,6 +456,8 @@ def run_job(grid: Grid, job: Job, log=print) -> dict:
     seconds = {"fit": fit_s, "test": test_s, "method_forward": method_s,
                "evaluator_overhead": max(test_s - method_s, 0.0), "total": time.perf_counter() - t0}
     marker = {"job": job.id, "key": key, "records": records, "seconds": seconds}
+    if resumed_from_epoch is not None:  # its records may differ from an uninterrupted run's (README, "Resume")
+        marker["resumed_from_epoch"] = resumed_from_epoch
     atomic_write_json(grid.marker(job), marker)
     log(f"{job.id}: {len(records)} files in {seconds['total']:.1f} s (fit {fit_s:.1f} s, evaluation "
         f"{test_s:.1f} s of which the method's forward passes {method_s:.1f} s)")

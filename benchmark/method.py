@@ -100,6 +100,9 @@ class MARMethod(L.LightningModule):
 
     card: MethodCard
     paper_tables: ClassVar[tuple[PaperTable, ...]] = ()
+    test_time_args: ClassVar[tuple[str, ...]] = ()
+    """Init arguments read only by ``restore`` (never in training): two rows whose configs differ only in these
+    and in their evaluators train the same weights, so a grid row may take another's (``weights_from``)."""
 
     @classmethod
     def contract_instance(cls) -> "MARMethod":

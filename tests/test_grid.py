@@ -14,7 +14,7 @@ import pytest
 
 from marbench.evaluation.records import read_record
 from marbench.grid import GridTask, job_done, job_key, load_grid, run_grid
-from tests.conftest import LI_ROW, UNCORRECTED_ROW
+from tests.conftest import LI_ROW, UNCORRECTED_ROW, write_tiny_grid
 
 ROOT = Path(__file__).parents[1]
 # one seed each: Yu et al. Table I; DuDoCROP's Table V, Fig. 12 and Table II
@@ -128,7 +128,7 @@ def _wait_for(predicate, proc, timeout_s=300.0):
         time.sleep(0.02)
 
 
-def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid, tmp_path):
+def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid, tiny_benchmark, tmp_path):
     path = tiny_grid({"uncorrected": UNCORRECTED_ROW, "unet": UNET_ROW})
     grid = load_grid(path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -139,6 +139,9 @@ def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid
     _wait_for(lambda: done_marker.is_file() and last.is_file(), proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    import torch
+    epoch = torch.load(last, weights_only=False)["epoch"]
+    assert epoch < 12  # killed mid-training (max_epochs 12)
     proc.stdout.close()
     killed = _records(tmp_path / "board" / "results")
     # the finished job's records are all there, the killed job's none, and no half-written file
@@ -147,13 +150,36 @@ def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid
     assert not grid.marker(grid.job("tiny__unet__seed0")).exists()
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert re.search(r"tiny__uncorrected__seed0 +up to date", rerun.stdout), rerun.stdout
-    assert f"tiny__unet__seed0: resuming training from {last}" in rerun.stdout
+    assert f"tiny__unet__seed0: resuming training from {last} (epoch {epoch})" in rerun.stdout
     after = _records(tmp_path / "board" / "results")
     assert {k: v for k, v in after.items() if k in killed} == killed  # the finished job was not re-run
     assert sorted(after) == sorted(killed) + ["tiny__unet__aapm-hu__seed0.json", "tiny__unet__editmar__seed0.json",
                                               "tiny__unet__example.npz"]
     assert all(job_done(grid, j) for j in grid.jobs())
     assert grid.weights(grid.job("tiny__unet__seed0")).is_file() and not last.exists()
+    assert json.loads(grid.marker(grid.job("tiny__unet__seed0")).read_text())["resumed_from_epoch"] == epoch
+    # the resumed training ends where an uninterrupted one does: the loader's shuffling and the random states
+    # resume too (marbench.resume)
+    whole = tmp_path / "uninterrupted"
+    other = write_tiny_grid(whole, tiny_benchmark[0], {"unet": UNET_ROW})
+    subprocess.run(cmd[:-1] + [str(other)], cwd=whole, env=env, capture_output=True, text=True, check=True)
+    resumed, uninterrupted = (_timeless(read_record(folder / "board" / "results" / "tiny__unet__aapm-hu__seed0.json")
+                                        .metrics) for folder in (tmp_path, whole))
+    assert resumed == uninterrupted
+
+
+def test_a_checkpoint_left_by_another_configuration_of_the_job_is_discarded_not_resumed(tiny_grid, tmp_path):
+    grid = load_grid(tiny_grid({"unet": UNET_ROW.replace("max_epochs: 12", "max_epochs: 1")}))
+    job = grid.job("tiny__unet__seed0")
+    stale = grid.checkpoints(job)
+    stale.mkdir(parents=True)
+    (stale / "last.ckpt").write_bytes(b"not a checkpoint of this configuration")
+    (stale / "job_key").write_text("0" * 64)
+    log = []
+    done = run_grid(grid, leaderboard=False, log=log.append)
+    assert f"tiny__unet__seed0: discarding {stale / 'last.ckpt'}, written under another job key" in log
+    assert not any("resuming" in line for line in log)
+    assert done["tiny__unet__seed0"]["seconds"]["fit"] > 0 and "resumed_from_epoch" not in done["tiny__unet__seed0"]
 
 
 @pytest.mark.parametrize("executor", ["submitit-local", "submitit-debug"])
@@ -218,3 +244,47 @@ def test_rerun_re_evaluates_a_trained_job_from_its_weights_under_other_protocols
     assert rerun(grid, protocols=["aapm-hu"]) == ["tiny__unet__seed0"]
     record = read_record(tmp_path / "board" / "results" / "tiny__unet__aapm-hu__seed0.json")
     assert record.protocol["name"] == "aapm-hu" and record.method["name"] == "unet"
+
+
+def test_a_row_with_weights_from_takes_the_trained_weights_of_a_row_that_trains_alike(tiny_grid, tmp_path):
+    row = UNET_ROW.replace("max_epochs: 12", "max_epochs: 2")
+    # the same training; another evaluator (evaluators and the method's test-time arguments do not train)
+    alike = row.replace("trainer: {", "trainer: {callbacks: [{class_path: marbench.evaluation.evaluator."
+                                          "Evaluator, init_args: {protocols: [aapm-hu], dataset: tiny}}], ")
+    path = tiny_grid({"a": row, "b": alike})
+    text = path.read_text()
+    path.write_text(text.replace("b.yaml}", "b.yaml, weights_from: configs/bench/a.yaml}"))
+    grid = load_grid(path)
+    results = tmp_path / "board" / "results"
+
+    def scores():  # both rows are U-Nets: their records share the method's name
+        return _timeless(read_record(results / "tiny__unet__aapm-hu__seed0.json").metrics)
+
+    first = run_grid(grid, only=["a"], leaderboard=False)
+    trained = scores()
+    log = []
+    second = run_grid(grid, only=["b"], leaderboard=False, log=log.append)
+    assert "tiny__b__seed0: the weights of tiny__a__seed0" in " ".join(log)
+    assert second["tiny__b__seed0"]["seconds"]["fit"] == 0.0 and first["tiny__a__seed0"]["seconds"]["fit"] > 0.0
+    weights = [grid.weights(grid.job(f"tiny__{r}__seed0")).read_bytes() for r in ("a", "b")]
+    assert weights[0] == weights[1]
+    assert sorted(second["tiny__b__seed0"]["records"]) == ["tiny__unet__aapm-hu__seed0.json", "tiny__unet__example.npz"]
+    assert scores() == trained and trained["overall"]["psnr"]["mean"] > 0
+    # the source job's key is part of b's: retraining a re-runs b
+    key = job_key(grid, grid.job("tiny__b__seed0"))
+    (tmp_path / "configs" / "bench" / "a.yaml").write_text(row + "# changed\n")
+    assert job_key(grid, grid.job("tiny__b__seed0")) != key
+
+
+def test_weights_from_a_row_that_trains_otherwise_or_is_not_in_the_grid_is_refused(tiny_grid):
+    path = tiny_grid({"a": UNET_ROW, "b": UNET_ROW.replace("lr: 0.001", "lr: 0.002"), "li": LI_ROW})
+    text = path.read_text()
+    path.write_text(text.replace("b.yaml}", "b.yaml, weights_from: configs/bench/a.yaml}"))
+    with pytest.raises(ValueError, match=r"they differ in \['model.init_args.lr: 0.002 vs 0.001'\]"):
+        load_grid(path)
+    path.write_text(text.replace("b.yaml}", "b.yaml, weights_from: configs/bench/c.yaml}"))
+    with pytest.raises(ValueError, match="weights_from configs/bench/c.yaml: expected another row of the grid"):
+        load_grid(path)
+    path.write_text(text.replace("b.yaml}", "b.yaml, weights_from: configs/bench/a.yaml, seeds: [0, 1]}"))
+    with pytest.raises(ValueError, match=r"expected its seeds and datasets to cover this row's \[0, 1\]"):
+        load_grid(path)

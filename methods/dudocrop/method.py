@@ -50,7 +50,11 @@ Departures and readings:
 * Sampling noise is drawn per slice from a generator seeded by the slice id, so a slice's output does not depend
   on the other slices of its batch, and two evaluations agree bit for bit.
 * Every IR-SDE samples with the reference's start noise of std ``lambda`` (see ``irsde``); the smoke scale uses
-  ``irsde``'s posterior sampler, because Euler-Maruyama of Eq. 5 diverges at its ``T = 2``.
+  ``irsde``'s posterior sampler, because Euler-Maruyama of Eq. 5 diverges at its ``T = 4``. The posterior
+  sampler's last step returns ``predicted_x0`` at ``t = 1``, which multiplies the noise network's error by
+  ``sqrt(v_1) exp(gbar_1)``; ``exp(gbar_1)`` is 7.2 at ``T = 2``, 2.6 at 3 and 1.7 at 4 (cosine schedule,
+  ``eps = 0.005``), so the smoke networks' errors swamp the image below ``T = 4`` (a smoke run at ``T = 2`` gave
+  image-domain outputs of -45,000 to 82,000 HU).
 * The noise network predicts the noise of ``F_0 = mu`` plus a learned correction whose output layer starts at
   zero (``DuDoCROP.noise``): the untrained model returns its input, as the suite's other learned methods start
   from theirs; the reference predicts the noise directly.
@@ -116,11 +120,11 @@ _SMOKE_NOTE = ("paper: a body CT set at 512 x 512, ViT-B-32 CLIP fine-tuned from
 
 # Sizes and schedules by scale, one table (pyiqa's default-settings table): ``paper`` (Sec. IV.B.2: ViT-B-32,
 # T = 100, the reference U-Net, 256 x 256 crops, lr 2e-5 / 2e-4; the step counts read from its epochs and
-# iterations), ``smoke`` (the CPU smoke benchmark of `make bench`: a 4-layer CLIP of width 128, T = 2 with the
-# posterior sampler (Euler-Maruyama is unstable at so few steps, see ``irsde``), a
-# 4-channel U-Net of five levels so that its spatial transformer sees 1/16 of the sinogram, 64 x 64 crops and
-# 180 steps; T and the steps were halved from 4 and 360 for the bench budget of issue #16) and ``tiny`` (tests
-# and the contract instance).
+# iterations), ``smoke`` (the CPU smoke benchmark of `make bench`: a 4-layer CLIP of width 128, T = 4 with the
+# posterior sampler (Euler-Maruyama is unstable at so few steps, see ``irsde``; fewer steps diverge, see the
+# module docstring), a 4-channel U-Net of five levels so that its spatial transformer sees 1/16 of the sinogram,
+# 64 x 64 crops and 180 steps, halved from 360 for the bench budget of issue #16) and ``tiny`` (tests and the
+# contract instance).
 SMOKE_CLIP_CFG = {"embed_dim": 512,
                   "vision_cfg": {"image_size": 224, "layers": 4, "width": 128, "patch_size": 32, "head_width": 32},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
@@ -132,7 +136,7 @@ SCALES = {
               "head_dim": 32, "crop": 256,
               "stage_steps": (15000, 70000, 70000), "clip_lr": 2e-5, "sde_lr": 2e-4, "residual_slices": 3003,
               "clip_cfg": None},
-    "smoke": {"T": 2, "sampler": "posterior", "base": 4, "mults": (1, 2, 4, 4, 8), "transformer_levels": 1,
+    "smoke": {"T": 4, "sampler": "posterior", "base": 4, "mults": (1, 2, 4, 4, 8), "transformer_levels": 1,
               "head_dim": 4, "crop": 64,
               "stage_steps": (10, 150, 20), "clip_lr": 1e-4, "sde_lr": 2e-3, "residual_slices": 4,
               "clip_cfg": SMOKE_CLIP_CFG},

@@ -177,6 +177,7 @@ class LoRAEditor(MARMethod):
                     "sampling noise seeded per slice id and ensemble seed"),
     )
     paper_tables = _paper_tables()
+    test_time_args = ("ensemble", "ensemble_seeds", "sample_seed")
 
     def __init__(self, conditioning: str = "none", lora: bool = True, rank: int = 64, alpha: float | None = None,
                  train_pairs: int = 128, lr: float = 1e-4, weight_decay: float = 0.01, ensemble: int = 1,

@@ -363,3 +363,23 @@ def test_refinement_bad_input_raises(projector):
         fuse_priors(x, x, x, 1.5, 0.5, 0.5)
     with pytest.raises(ValueError, match=r"beta: expected a factor in \[0, 1\], found -0.1"):
         fuse_priors(x, x, x, 0.5, 0.5, -0.1)
+
+
+def test_the_smoke_scale_has_enough_steps_that_the_last_posterior_step_does_not_amplify_network_errors():
+    """The posterior sampler's last step returns ``predicted_x0`` at t = 1: an error e of the noise network moves
+    the output by ``sqrt(v_1) exp(gbar_1) e``. ``exp(gbar_1)`` from the cosine schedule written out here
+    (Nichol & Dhariwal's abar on T + 2 points, theta_t = 1 - abar(t + 1), dt = -ln(eps) / sum theta_1..T)."""
+    from marbench.methods.dudocrop.method import SCALES
+
+    def gain(T: int, eps: float = 0.005, s: float = 0.008) -> float:
+        n = T + 2
+        abar = [math.cos((i / n + s) / (1 + s) * math.pi / 2) ** 2 for i in range(n + 1)]
+        theta = [1 - a / abar[0] for a in abar[1:-1]]  # t = 0..T
+        dt = -math.log(eps) / sum(theta[1:])
+        return math.exp(theta[1] * dt)
+
+    for T in (2, 3, 4, 100):
+        sde = IRSDE(T=T)
+        assert math.exp(float(sde.gamma_bars[1])) == pytest.approx(gain(T), rel=1e-9)
+    assert gain(2) > 7 and gain(4) < 2  # T = 2 smoke runs gave outputs of -45,000 to 82,000 HU
+    assert gain(SCALES["smoke"]["T"]) < 2

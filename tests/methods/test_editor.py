@@ -277,6 +277,23 @@ def test_an_ensemble_of_identical_seeds_equals_one_sample_and_distinct_seeds_ave
     torch.testing.assert_close(mixed[inside], ((one + other) / 2)[inside], atol=1e-2, rtol=0)
 
 
+def test_the_test_time_arguments_leave_training_alone(tiny_batch, one_thread):
+    """The grid trains the ens-10 row once, with the multi row (``weights_from``): the adapters that two editors
+    differing only in ``test_time_args`` train must be equal."""
+    dm, _ = tiny_batch
+    assert set(LoRAEditor.test_time_args) == {"ensemble", "ensemble_seeds", "sample_seed"}
+    adapters = []
+    for kwargs in ({}, {"ensemble": 3, "ensemble_seeds": [4, 5, 6], "sample_seed": 9}):
+        L.seed_everything(0)
+        editor = _editor(train_pairs=3, lr=1e-3, gradient_checkpointing=False, **kwargs)
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(editor, datamodule=dm)
+        adapters.append(editor.state_dict())
+    assert adapters[0] and adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 def test_the_vae_ceiling_row_is_the_clean_target_encoded_and_decoded(tiny_batch):
     editor = _editor(output="vae-ceiling")
     batch = {"gt_image": _batch(tiny_batch)["gt_image"], "ma_image": _batch(tiny_batch)["ma_image"]}
