@@ -276,15 +276,14 @@ def test_a_row_with_weights_from_takes_the_trained_weights_of_a_row_that_trains_
     assert job_key(grid, grid.job("tiny__b__seed0")) != key
 
 
-def test_weights_from_a_row_that_trains_otherwise_or_is_not_in_the_grid_is_refused(tiny_grid):
+@pytest.mark.parametrize("entry, message", [
+    ("weights_from: configs/bench/a.yaml", r"they differ in \['model.init_args.lr: 0.002 vs 0.001'\]"),
+    ("weights_from: configs/bench/c.yaml", "weights_from configs/bench/c.yaml: expected another row of the grid"),
+    ("weights_from: configs/bench/a.yaml, seeds: [0, 1]",
+     r"expected its seeds and datasets to cover this row's \[0, 1\]"),
+])
+def test_weights_from_a_row_that_trains_otherwise_or_is_not_in_the_grid_is_refused(tiny_grid, entry, message):
     path = tiny_grid({"a": UNET_ROW, "b": UNET_ROW.replace("lr: 0.001", "lr: 0.002"), "li": LI_ROW})
-    text = path.read_text()
-    path.write_text(text.replace("b.yaml}", "b.yaml, weights_from: configs/bench/a.yaml}"))
-    with pytest.raises(ValueError, match=r"they differ in \['model.init_args.lr: 0.002 vs 0.001'\]"):
-        load_grid(path)
-    path.write_text(text.replace("b.yaml}", "b.yaml, weights_from: configs/bench/c.yaml}"))
-    with pytest.raises(ValueError, match="weights_from configs/bench/c.yaml: expected another row of the grid"):
-        load_grid(path)
-    path.write_text(text.replace("b.yaml}", "b.yaml, weights_from: configs/bench/a.yaml, seeds: [0, 1]}"))
-    with pytest.raises(ValueError, match=r"expected its seeds and datasets to cover this row's \[0, 1\]"):
+    path.write_text(path.read_text().replace("b.yaml}", f"b.yaml, {entry}}}"))
+    with pytest.raises(ValueError, match=message):
         load_grid(path)
