@@ -10,7 +10,7 @@ weights of an uninterrupted one (``tests/test_grid.py`` kills a grid mid-trainin
 The states are saved as tensors and plain integers, so the checkpoint still loads with ``weights_only=True``.
 Not restored: random draws inside data-loader worker processes (``num_workers > 0`` seeds them from the loader's
 iterator, which Lightning builds before the resumed epoch's hooks run), and, under DDP, the other ranks' own
-states (rank 0 writes the checkpoint; every rank restores its states).
+states (rank 0 writes the checkpoint, and every rank restores rank 0's).
 """
 from __future__ import annotations
 
