@@ -385,6 +385,13 @@ def _build_job(grid: Grid, job: Job, out_dir: Path, protocols: list[str] | None 
     return cli
 
 
+def _load_weights(model, path: Path) -> None:
+    """Load a job's trained weights (``Grid.weights``: a weights-only Lightning checkpoint) into ``model``."""
+    import torch
+
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+
+
 def run_job(grid: Grid, job: Job, log=print) -> dict:
     """Run one job (see the module docstring) unless it is up to date; returns its marker (``{"key", "records",
     "seconds"}``), or ``{"skipped": True}``.
@@ -410,8 +417,7 @@ def run_job(grid: Grid, job: Job, log=print) -> dict:
     source = grid.weights_source(job)
     if cli.model.card.trainable and source is not None and job_done(grid, source) and grid.weights(source).is_file():
         log(f"{job.id}: the weights of {source.id} (the same training; the rows differ in test-time arguments)")
-        state = torch.load(grid.weights(source), map_location="cpu", weights_only=True)["state_dict"]
-        cli.model.load_state_dict(state)
+        _load_weights(cli.model, grid.weights(source))
         grid.weights(job).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(grid.weights(source), grid.weights(job))
     elif cli.model.card.trainable:
@@ -582,7 +588,6 @@ def rerun(grid: Grid, only: list[str] | None = None, protocols: list[str] | None
     Raises:
         FileNotFoundError: a trainable row's weights are missing (run the grid first).
     """
-    import torch
 
     from marbench.row import evaluate_row
 
@@ -595,7 +600,7 @@ def rerun(grid: Grid, only: list[str] | None = None, protocols: list[str] | None
             weights = grid.weights(job)
             if not weights.is_file():
                 raise FileNotFoundError(f"{weights} not found: run `marbench grid {grid.path}` first")
-            cli.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["state_dict"])
+            _load_weights(cli.model, weights)
         log(f"{job.id}: re-evaluating")
         evaluate_row(cli)
         done.append(job.id)

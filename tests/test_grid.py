@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from marbench.evaluation.records import read_record
 from marbench.grid import GridTask, job_done, job_key, load_grid, run_grid
@@ -139,7 +140,6 @@ def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid
     _wait_for(lambda: done_marker.is_file() and last.is_file(), proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    import torch
     epoch = torch.load(last, weights_only=False)["epoch"]
     assert epoch < 12  # killed mid-training (max_epochs 12)
     proc.stdout.close()
