@@ -1,15 +1,16 @@
 """File helpers shared by every writer of the suite: atomic writes (a crash never leaves half a file under the
-final name), sha256 digests of files, and the provenance that fingerprints and records carry (digests of the
-installed source, library versions)."""
+final name), a lock for the one-off cache entries that concurrent grid workers share, sha256 digests of files,
+and the provenance that fingerprints and records carry (digests of the installed source, library versions)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_json", "sha256_file", "source_digest", "library_versions"]
+__all__ = ["atomic_write", "atomic_write_json", "cache_lock", "sha256_file", "source_digest", "library_versions"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -35,6 +36,30 @@ def atomic_write(path: str | os.PathLike, payload: bytes | str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     """``atomic_write`` of ``obj`` as JSON with sorted keys and a final newline."""
     atomic_write(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | os.PathLike):
+    """Hold an inter-process lock on the cache entry ``path`` (a ``filelock`` file ``<path>.lock`` beside it).
+
+    A one-off cache entry (the segmenter, the editor's stand-in backbone, a pre-training stage) is built by
+    whichever grid worker needs it first; a second worker needing it meanwhile waits here and then finds it,
+    instead of training it a second time. Callers check for the entry again once they hold the lock:
+
+    >>> import tempfile
+    >>> entry = Path(tempfile.mkdtemp()) / "model.pt"
+    >>> with cache_lock(entry):
+    ...     if not entry.is_file():
+    ...         atomic_write(entry, b"weights")
+    >>> entry.read_bytes()
+    b'weights'
+    """
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        yield
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -16,10 +16,11 @@ A grid file (YAML, ``configs/grids/smoke.yaml`` is the one ``make bench`` runs) 
   a row (all but its first) are evaluated under;
 - ``work_dir`` (staging records, training checkpoints, trained weights, job markers, submitit logs) and
   ``leaderboard`` (records land in its ``results/``; its tables are rebuilt at the end);
-- ``executor``: ``local`` with optional ``gpus`` (one worker per GPU, ``CUDA_VISIBLE_DEVICES``), or ``slurm``
-  through submitit with a ``slurm`` section (``timeout_min``, ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``,
-  ``nodes``, ``tasks_per_node``; any other key goes to submitit's Slurm executor: ``partition``,
-  ``array_parallelism``, ``account``, ``qos``, ``setup``...).
+- ``executor``: ``local``, sequential in this process, or with ``cpu_workers: N`` N worker processes of
+  ``threads_per_worker`` CPU threads each (default: the cores over N), or with ``gpus`` one worker process per GPU
+  (``CUDA_VISIBLE_DEVICES``); or ``slurm`` through submitit with a ``slurm`` section (``timeout_min``,
+  ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``nodes``, ``tasks_per_node``; any other key goes to
+  submitit's Slurm executor: ``partition``, ``array_parallelism``, ``account``, ``qos``, ``setup``...).
 
 It expands into one **job** per dataset x row x seed: build the row (``marbench.row.build_row``), fit it if the
 method is trainable (Lightning's ``last.ckpt`` after every epoch with the random states of
@@ -31,18 +32,29 @@ the job's key, every record's sha256, timings). A job is up to date when its mar
 configured (row and base config bytes, dataset and split digests, seed, protocols, the package's source digest,
 library versions) and its records are still the ones it wrote; the runner runs every other job. So a job killed at
 any point (SIGKILL included) leaves no record behind under ``results``, and the next run re-does that job only.
+
+Workers (``cpu_workers``, ``gpus``) take the jobs in grid-file order, except that a job waits for the job whose
+weights it takes (``weights_from``) and a row's further seeds wait for its first seed: the first job of a row builds
+the one-off cache entries its row needs (a stand-in backbone, a pre-training stage), which other workers would
+otherwise wait for (``marbench.files.cache_lock``). So a grid file lists the rows with the longest one-off work
+first. On the 2-core machine two single-thread workers finish the smoke grid in about 0.7 of the sequential wall
+time: much of the work (small networks on large images, the samplers' loops) is bound by memory and per-operation
+overhead, not arithmetic, so a second thread gains little where a second process doubles it. Records carry the
+thread count they ran with (``torch_threads`` in the manifest): CPU kernels sum in an order that follows it, so a
+trained row reproduces bit for bit under that count (``marbench verify`` sets it), and its last bits differ under
+another.
+
+Several grid files run as one (``marbench grid A B``): their jobs share the workers and each leaderboard is rebuilt
+once, at the end; the first grid's ``executor`` section applies.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import queue
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,6 +259,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     executor = spec.get("executor") or {}
     if executor.get("name", "local") not in EXECUTORS:
         raise ValueError(f"{path}: executor.name must be one of {list(EXECUTORS)}, found {executor.get('name')!r}")
+    _worker_slots(executor, str(path))
     work_dir = Path(spec.get("work_dir") or f"runs/grid/{spec.get('name', path.stem)}")
     return Grid(path=path, name=str(spec.get("name", path.stem)), base=base, datasets=datasets, rows=rows,
                 protocols=_names(spec.get("protocols"), f"{path}: protocols"),
@@ -488,96 +501,192 @@ class GridTask:
         return submitit.helpers.DelayedSubmission(GridTask(self.grid_file, self.cwd), job_id)
 
 
-def _submitit_executor(grid: Grid, name: str):
+def _submitit_executor(grid: Grid, executor: dict, name: str):
     import submitit
 
     ex = submitit.AutoExecutor(folder=grid.work_dir / "submitit" / "%j", cluster=_SUBMITIT_CLUSTER[name])
-    slurm = dict(grid.executor.get("slurm") or {})
+    slurm = dict(executor.get("slurm") or {})
     params = {k: slurm.pop(k) for k in _GENERIC_SLURM if k in slurm}
     params.update({f"slurm_{k}": v for k, v in slurm.items()})
     ex.update_parameters(name=f"marbench-{grid.name}", **params)
     return ex
 
 
-def _run_submitit(grid: Grid, jobs: list[Job], name: str, log) -> list[dict]:
-    ex = _submitit_executor(grid, name)
-    with ex.batch():
-        handles = [ex.submit(GridTask(grid.path), job.id) for job in jobs]
-    log(f"submitted {len(handles)} jobs through submitit ({name}): {[h.job_id for h in handles][:8]}...")
-    return [h.result() for h in handles]  # raises the first failed job's error with its log's tail
+def _run_submitit(jobs: list[tuple[Grid, Job]], name: str, log) -> dict[str, dict]:
+    """One job array per grid (the first grid's resources: ``executor.slurm``), all submitted before waiting."""
+    handles = []
+    grids = []
+    for g, _ in jobs:
+        if not any(g is other for other in grids):
+            grids.append(g)
+    for grid in grids:
+        ex = _submitit_executor(grid, jobs[0][0].executor, name)
+        with ex.batch():
+            mine = [(j, ex.submit(GridTask(grid.path), j.id)) for g, j in jobs if g is grid]
+        log(f"submitted {len(mine)} jobs of {grid.path} through submitit ({name}): "
+            f"{[h.job_id for _, h in mine][:8]}...")
+        handles += mine
+    return {j.id: h.result() for j, h in handles}  # raises the first failed job's error with its log's tail
 
 
-def _run_gpu_workers(grid: Grid, jobs: list[Job], gpus: list, log) -> list[dict]:
-    """One worker process per GPU (``CUDA_VISIBLE_DEVICES``), each taking the next job when it is free."""
-    free: queue.Queue = queue.Queue()
-    for g in gpus:
-        free.put(str(g))
+def _worker_slots(executor: dict, where: str) -> list[dict[str, str]] | None:
+    """The environment of each local worker process (``None``: run in this process).
 
-    def work(job: Job) -> dict:
-        gpu = free.get()
-        try:
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-            cmd = [sys.executable, "-m", "marbench.cli", "grid", str(grid.path), "--job", job.id]
-            log(f"{job.id}: on GPU {gpu}")
-            subprocess.run(cmd, env=env, check=True)
-        finally:
-            free.put(gpu)
-        return json.loads(grid.marker(job).read_text())
+    Raises:
+        ValueError: ``cpu_workers`` or ``threads_per_worker`` that is not a positive integer, or both ``gpus`` and
+            ``cpu_workers``.
+    """
+    gpus, workers = executor.get("gpus"), executor.get("cpu_workers")
+    if gpus and workers:
+        raise ValueError(f"{where}: executor has both gpus and cpu_workers; expected one of them")
+    if gpus:
+        return [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus]
+    if workers is None:
+        return None
+    for key in ("cpu_workers", "threads_per_worker"):
+        value = executor.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: executor.{key} must be a positive integer, found {value!r}")
+    threads = executor.get("threads_per_worker", max(1, (os.cpu_count() or 1) // workers))
+    # OpenMP reads its count when torch loads; the worker also sets torch's own (_start_worker)
+    return [{"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}] * workers
 
-    with ThreadPoolExecutor(len(gpus)) as pool:
-        return list(pool.map(work, jobs))
+
+def _start_worker(slots, cwd: str, runner_pid: int) -> None:
+    """Initialise a worker process: die with the runner, take one slot's environment (a GPU or a CPU thread
+    count)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        # killed with the runner, SIGKILL included (Lightning catches SIGTERM): an orphan would go on writing the
+        # job that the next run re-does
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != runner_pid:  # the runner died before the line above
+            os._exit(1)
+    os.environ.update(slots.get())
+    os.chdir(cwd)
+    if "OMP_NUM_THREADS" in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def run_grid(grid: Grid, executor: str | None = None, *, force: bool = False, force_data: bool = False,
-             only: list[str] | None = None, leaderboard: bool = True, log=print) -> dict[str, dict]:
-    """Generate the grid's synthetic datasets (or resume them), run every job that is not up to date through the
-    executor, rebuild the leaderboard; returns each job's marker (``{"skipped": True}`` for jobs up to date).
+def _worker_job(grid_file: str, job_id: str) -> dict:
+    grid = load_grid(grid_file)
+    return run_job(grid, grid.job(job_id))
+
+
+def _waits_for(jobs: list[tuple[Grid, Job]]) -> dict[str, set[str]]:
+    """For each job, the jobs it must not run beside: the job whose weights it takes, and its row's first seed
+    (which builds the row's one-off cache entries)."""
+    out = {}
+    for grid, job in jobs:
+        after = set()
+        source = grid.weights_source(job)
+        if source is not None:
+            after.add(source.id)
+        if not job.example:
+            first = next(j for j in grid.jobs() if j.config == job.config and j.dataset == job.dataset and j.example)
+            after.add(first.id)
+        out[job.id] = after
+    return out
+
+
+def _run_workers(jobs: list[tuple[Grid, Job]], slots: list[dict[str, str]], log) -> dict[str, dict]:
+    """Run ``jobs`` on one spawned worker process per slot, in order but for the waits of ``_waits_for``; a failed
+    job raises once the running ones have finished (their records land)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")  # no forked copies of this process's torch threads or CUDA state
+    queue = ctx.Queue()
+    for slot in slots:
+        queue.put(slot)
+    waits = _waits_for(jobs)
+    todo, running, done = list(jobs), {}, {}
+    with ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_start_worker,
+                             initargs=(queue, str(Path.cwd()), os.getpid())) as pool:
+        while todo or running:
+            busy = {j.id for _, j in todo} | {j.id for _, j in running.values()}
+            for item in [t for t in todo if not waits[t[1].id] & busy][:len(slots) - len(running)]:
+                todo.remove(item)
+                running[pool.submit(_worker_job, str(item[0].path), item[1].id)] = item
+                log(f"{item[1].id}: started ({len(running)} of {len(slots)} workers busy)")
+            if not running:
+                raise ValueError(f"jobs waiting for each other: {[j.id for _, j in todo]}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                _, job = running.pop(future)
+                done[job.id] = future.result()
+                log(f"{job.id}: finished ({len(done)} of {len(jobs)} jobs)")
+    return done
+
+
+def run_grid(grids: Grid | list[Grid], executor: str | None = None, *, force: bool = False,
+             force_data: bool = False, only: list[str] | None = None, leaderboard: bool = True,
+             log=print) -> dict[str, dict]:
+    """Generate the grids' synthetic datasets (or resume them), run every job that is not up to date through the
+    executor, rebuild each leaderboard once; returns each job's marker (``{"skipped": True}`` for jobs up to
+    date) and the seconds of ``simulate`` and ``leaderboard``.
 
     Args:
+        grids: one grid, or several run as one (their jobs share the workers; the first grid's ``executor``).
         executor: ``local``, ``slurm``, ``submitit-local`` (submitit's local processes) or ``submitit-debug``
-            (in this process); default the grid's ``executor.name``, else ``local``.
+            (in this process); default the first grid's ``executor.name``, else ``local``.
         force: re-run jobs that are up to date. force_data: rebuild a dataset folder of another fingerprint.
         only: job ids (or row config stems) to run; default all.
     Raises:
-        ValueError: an unknown executor or job; a dataset folder of another fingerprint without ``force_data``.
+        ValueError: an unknown executor or job; two grids with a job of the same id; a dataset folder of another
+            fingerprint without ``force_data``; bad worker settings.
     """
     from marbench.datasets.gsi_analogue import PRESETS as GSI_PRESETS
     from marbench.datasets.gsi_analogue import generate_gsi_analogue
     from marbench.datasets.synthetic import generate
     from marbench.leaderboard import build_leaderboards
 
-    name = executor or grid.executor.get("name", "local")
+    grids = [grids] if isinstance(grids, Grid) else list(grids)
+    settings = grids[0].executor
+    name = executor or settings.get("name", "local")
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; expected one of {list(EXECUTORS)}")
+    slots = _worker_slots(settings, str(grids[0].path)) if name == "local" else None
     t = time.perf_counter()
-    for d in grid.datasets:
+    for d in (d for grid in grids for d in grid.datasets):
         if d.preset in GSI_PRESETS:  # the simulated ArtifactGSI analogue
             generate_gsi_analogue(d.root, d.preset, progress=False, force=force_data)
         elif d.preset:
             generate(d.root, d.preset, force=force_data)
     data_s = time.perf_counter() - t
-    jobs = grid.jobs()
+    jobs = [(grid, j) for grid in grids for j in grid.jobs()]
+    ids = [j.id for _, j in jobs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{[str(g.path) for g in grids]}: job ids must be distinct across the grids, found "
+                         f"{sorted({i for i in ids if ids.count(i) > 1})} twice")
     if only:
-        jobs = [j for j in jobs if j.id in only or j.config.stem in only]
+        jobs = [(g, j) for g, j in jobs if j.id in only or j.config.stem in only]
         if not jobs:
-            raise ValueError(f"{grid.path}: no job matches {only}")
+            raise ValueError(f"{[str(g.path) for g in grids]}: no job matches {only}")
     if force:
-        for j in jobs:
-            grid.marker(j).unlink(missing_ok=True)
-    pending = [j for j in jobs if not job_done(grid, j)]
-    results = {j.id: {"skipped": True} for j in jobs if j not in pending}
-    log(f"{grid.path}: {len(jobs)} jobs, {len(pending)} to run, {len(jobs) - len(pending)} up to date "
-        f"(executor {name}; data {data_s:.1f} s)")
-    if name == "local" and grid.executor.get("gpus"):
-        done = _run_gpu_workers(grid, pending, list(grid.executor["gpus"]), log)
+        for g, j in jobs:
+            g.marker(j).unlink(missing_ok=True)
+    pending = [(g, j) for g, j in jobs if not job_done(g, j)]
+    results = {j.id: {"skipped": True} for g, j in jobs if (g, j) not in pending}
+    log(f"{', '.join(str(g.path) for g in grids)}: {len(jobs)} jobs, {len(pending)} to run, "
+        f"{len(jobs) - len(pending)} up to date (executor {name}"
+        f"{f', {len(slots)} workers' if slots else ''}; data {data_s:.1f} s)")
+    if slots:
+        results.update(_run_workers(pending, slots, log))
     elif name == "local":
-        done = [run_job(grid, j, log=log) for j in pending]
-    else:
-        done = _run_submitit(grid, pending, name, log)
-    results.update({j.id: m for j, m in zip(pending, done, strict=True)})
-    if leaderboard:
-        build_leaderboards(grid.leaderboard)
+        results.update({j.id: run_job(g, j, log=log) for g, j in pending})
+    elif pending:
+        results.update(_run_submitit(pending, name, log))
     results["simulate"] = {"seconds": {"total": data_s}}
+    if leaderboard:
+        t = time.perf_counter()
+        for folder in dict.fromkeys(g.leaderboard for g in grids):
+            build_leaderboards(folder)
+        results["leaderboard"] = {"seconds": {"total": time.perf_counter() - t}}
     return results
 
 
@@ -607,8 +716,9 @@ def rerun(grid: Grid, only: list[str] | None = None, protocols: list[str] | None
     return done
 
 
-def timing_table(results: dict[str, dict]) -> str:
-    """The runner's per-job seconds as a plain-text table (skipped jobs marked), with the total."""
+def timing_table(results: dict[str, dict], wall_s: float | None = None) -> str:
+    """The runner's per-job seconds as a plain-text table (skipped jobs marked), with their sum and, given
+    ``wall_s``, the wall time (less than the sum where workers ran jobs side by side)."""
     lines = [f"{'job':48s} {'total':>8s} {'fit':>8s} {'test':>8s} {'forward':>8s} {'overhead':>8s}"]
     total = 0.0
     for job_id, m in results.items():
@@ -620,4 +730,6 @@ def timing_table(results: dict[str, dict]) -> str:
         lines.append(f"{job_id:48s} {s['total']:8.1f} " + " ".join(
             f"{s.get(k, 0.0):8.1f}" for k in ("fit", "test", "method_forward", "evaluator_overhead")))
     lines.append(f"{'total':48s} {total:8.1f}")
+    if wall_s is not None:
+        lines.append(f"{'wall':48s} {wall_s:8.1f}")
     return "\n".join(lines)

@@ -428,6 +428,8 @@ def verify_records(paths: list[Path], *, data_root: str | None = None, workdir: 
             are not the record's (checked for every row before any runs), a re-run wrote no record, or the
             re-run used other protocol weights (a segmenter trained here) than the record's.
     """
+    import torch
+
     from marbench.evaluation.records import read_record
     from marbench.row import evaluate_row
 
@@ -458,10 +460,16 @@ def verify_records(paths: list[Path], *, data_root: str | None = None, workdir: 
         for group, config, out, path in plans:
             log(f"re-running {group[0].method['name']} (seed {group[0].seed}) for "
                 f"{', '.join(r.protocol['name'] for r in group)}")
-            cli = _build(config, path)  # built again right before running: seeded afresh
-            if cli.model.card.trainable:
-                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            evaluate_row(cli)
+            threads = torch.get_num_threads()
+            # the record's CPU thread count: training sums in an order that follows it (older records lack it)
+            torch.set_num_threads(group[0].manifest.get("torch_threads") or threads)
+            try:
+                cli = _build(config, path)  # built again right before running: seeded afresh
+                if cli.model.card.trainable:
+                    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+                evaluate_row(cli)
+            finally:
+                torch.set_num_threads(threads)
             for record in group:
                 new = out / record.name
                 if not new.is_file():

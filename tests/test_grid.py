@@ -72,6 +72,10 @@ def test_a_grid_expands_into_jobs_with_seeds_and_protocols(tiny_grid):
     ("seeds: []", "seeds must be a non-empty list of integers, found \\[\\]"),
     ("seeds: [1, 1]", "seeds must be distinct"),
     ("executor: {name: kubernetes}", "executor.name must be one of"),
+    ("executor: {name: local, cpu_workers: 0}", "executor.cpu_workers must be a positive integer, found 0"),
+    ("executor: {name: local, cpu_workers: 2, threads_per_worker: two}",
+     "executor.threads_per_worker must be a positive integer, found 'two'"),
+    ("executor: {name: local, cpu_workers: 2, gpus: [0]}", "both gpus and cpu_workers"),
 ])
 def test_a_bad_grid_file_is_refused_with_what_was_expected(tiny_grid, change, message):
     path = tiny_grid({"li": LI_ROW})
@@ -129,8 +133,12 @@ def _wait_for(predicate, proc, timeout_s=300.0):
         time.sleep(0.02)
 
 
-def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid, tiny_benchmark, tmp_path):
-    path = tiny_grid({"uncorrected": UNCORRECTED_ROW, "unet": UNET_ROW})
+@pytest.mark.parametrize("executor", ["", "executor: {name: local, cpu_workers: 2}"], ids=["sequential", "workers"])
+def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid, tiny_benchmark, tmp_path,
+                                                                       executor):
+    import psutil
+
+    path = tiny_grid({"uncorrected": UNCORRECTED_ROW, "unet": UNET_ROW}, extra=executor)
     grid = load_grid(path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "marbench.cli", "grid", str(path)]
@@ -138,8 +146,11 @@ def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid
     done_marker = grid.marker(grid.job("tiny__uncorrected__seed0"))
     last = grid.checkpoints(grid.job("tiny__unet__seed0")) / "last.ckpt"
     _wait_for(lambda: done_marker.is_file() and last.is_file(), proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"workers outlived the killed runner: {alive}"
     epoch = torch.load(last, weights_only=False)["epoch"]
     assert epoch < 12  # killed mid-training (max_epochs 12)
     proc.stdout.close()
@@ -161,7 +172,7 @@ def test_a_grid_killed_mid_job_loses_nothing_and_re_does_only_that_job(tiny_grid
     # the resumed training ends where an uninterrupted one does: the loader's shuffling and the random states
     # resume too (marbench.resume)
     whole = tmp_path / "uninterrupted"
-    other = write_tiny_grid(whole, tiny_benchmark[0], {"unet": UNET_ROW})
+    other = write_tiny_grid(whole, tiny_benchmark[0], {"unet": UNET_ROW}, extra=executor)
     subprocess.run(cmd[:-1] + [str(other)], cwd=whole, env=env, capture_output=True, text=True, check=True)
     resumed, uninterrupted = (_timeless(read_record(folder / "board" / "results" / "tiny__unet__aapm-hu__seed0.json")
                                         .metrics) for folder in (tmp_path, whole))
@@ -198,6 +209,42 @@ def test_submitit_executors_give_the_local_executor_s_records(tiny_grid, tmp_pat
     assert other.keys() == local.keys()
     if executor == "submitit-local":
         assert list((tmp_path / "work2" / "submitit").glob("*/*_log.out"))  # the jobs ran as submitit processes
+
+
+def test_cpu_workers_give_the_sequential_runner_s_records_and_a_row_s_seeds_wait_for_its_first(tiny_grid,
+                                                                                             tmp_path):
+    from marbench.grid import _waits_for
+
+    row = UNET_ROW.replace("max_epochs: 12", "max_epochs: 1")
+    alike = row.replace("trainer: {", "trainer: {callbacks: [{class_path: marbench.evaluation.evaluator."
+                                      "Evaluator, init_args: {protocols: [aapm-hu], dataset: tiny}}], ")
+    path = tiny_grid({"li": LI_ROW, "unet": row, "b": alike}, seeds={"unet": "[0, 1]"})
+    path.write_text(path.read_text().replace("b.yaml}", "b.yaml, weights_from: configs/bench/unet.yaml}"))
+    grid = load_grid(path)
+    assert _waits_for([(grid, j) for j in grid.jobs()]) == {
+        "tiny__li__seed0": set(), "tiny__unet__seed0": set(), "tiny__unet__seed1": {"tiny__unet__seed0"},
+        "tiny__b__seed0": {"tiny__unet__seed0"}}
+    sequential = run_grid(grid, leaderboard=False)
+    expected = {p.name: read_record(p) for p in (tmp_path / "board" / "results").glob("*.json")}
+    # the workers' thread count is this process's: CPU kernels sum in an order that follows it
+    threads = torch.get_num_threads()
+    path.write_text(path.read_text().replace("leaderboard: board", "leaderboard: board2").replace(
+        "work_dir: work", "work_dir: work2") + f"executor: {{name: local, cpu_workers: 2, threads_per_worker: "
+                                               f"{threads}}}\n")
+    log = []
+    parallel = run_grid(load_grid(path), leaderboard=False, log=log.append)
+    got = {p.name: read_record(p) for p in (tmp_path / "board2" / "results").glob("*.json")}
+    assert sorted(got) == sorted(expected) and len(got) == 6
+    for name, record in got.items():  # the trained rows included, every value but the wall times
+        assert _timeless(record.metrics) == _timeless(expected[name].metrics), name
+        assert _timeless(record.slices) == _timeless(expected[name].slices), name
+        assert record.manifest["torch_threads"] == threads
+    assert parallel.keys() == sequential.keys()
+    assert parallel["tiny__b__seed0"]["seconds"]["fit"] == 0.0  # it waited for the U-Net's weights
+    events = [line.split(" (")[0] for line in log if line.startswith("tiny__")]
+    assert events[:2] == ["tiny__li__seed0: started", "tiny__unet__seed0: started"]
+    for job in ("tiny__unet__seed1", "tiny__b__seed0"):  # ran after the first seed, though a worker was free
+        assert events.index(f"{job}: started") > events.index("tiny__unet__seed0: finished")
 
 
 def test_a_preempted_job_is_resubmitted_as_itself(tmp_path):

@@ -96,7 +96,11 @@ def _git(*args: str) -> str | None:
 
 
 def manifest(config: dict | None, seed: int, device: str, world_size: int, timings: dict) -> dict:
-    """The reproducibility manifest of a run (git state read from the source checkout, if any)."""
+    """The reproducibility manifest of a run (git state read from the source checkout, if any; ``torch_threads``:
+    CPU kernels sum in an order that follows the thread count, so a trained row re-runs bit for bit only with the
+    count it ran with, which ``marbench verify`` sets)."""
+    import torch
+
     packages = library_versions(_PACKAGES)
     # the code and configs that made the run; the leaderboard outputs a bench run writes do not count
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)leaderboards")
@@ -110,6 +114,7 @@ def manifest(config: dict | None, seed: int, device: str, world_size: int, timin
         "seed": seed,
         "device": device,
         "world_size": world_size,
+        "torch_threads": torch.get_num_threads(),
         "timings": timings,
     }
 

@@ -27,7 +27,7 @@ from torchmetrics.functional.segmentation import mean_iou
 
 from marbench.converters import window
 from marbench.datasets.artifactgsi import LABEL_NAMES, UNLABELLED
-from marbench.files import atomic_write, sha256_file
+from marbench.files import atomic_write, cache_lock, sha256_file
 from marbench.networks import UNet
 from marbench.physics.backends import default_cache_dir
 
@@ -174,8 +174,9 @@ def segmenter(datamodule, recipe: SegmentationRecipe = SegmentationRecipe(),
     with torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(recipe.seed)
         net = recipe.network()
-        if not path.is_file():
-            _train(net, datamodule.dataset("train", ("gt_image", recipe.label_key)), recipe, path, log)
+        with cache_lock(path):  # concurrent grid workers train it once
+            if not path.is_file():
+                _train(net, datamodule.dataset("train", ("gt_image", recipe.label_key)), recipe, path, log)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     _LOADED[(path, recipe)] = (net.eval(), sha256_file(path))
     return _LOADED[(path, recipe)]

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from marbench.files import sha256_file
+from marbench.files import cache_lock, sha256_file
 from marbench.physics.backends import default_cache_dir
 
 from .backbone import EditorBackbone, build_backbone, folder_sha256, load_backbone, save_backbone
@@ -208,14 +208,14 @@ def standin_backbone(datamodule, recipe: StandinRecipe = StandinRecipe(), log=pr
         ValueError: the split has no training part.
     """
     folder = default_cache_dir() / "editor-standin" / _cache_key(datamodule, recipe)
-    if not folder.is_dir():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        train = datamodule.dataset("train", ("gt_image", "ma_image"))
-        items = [train[i] for i in range(len(train))]
-        slices = {"clean": torch.stack([it["gt_image"] for it in items]),
-                  "corrupted": torch.stack([it["ma_image"] for it in items])}
-        log(f"pre-training the editor's stand-in backbone on {len(items)} training slices into {folder}")
-        pretrain_standin(slices, recipe, folder, log)
+    with cache_lock(folder):  # concurrent grid workers pre-train it once
+        if not folder.is_dir():
+            train = datamodule.dataset("train", ("gt_image", "ma_image"))
+            items = [train[i] for i in range(len(train))]
+            slices = {"clean": torch.stack([it["gt_image"] for it in items]),
+                      "corrupted": torch.stack([it["ma_image"] for it in items])}
+            log(f"pre-training the editor's stand-in backbone on {len(items)} training slices into {folder}")
+            pretrain_standin(slices, recipe, folder, log)
     return load_backbone(folder), folder_sha256(folder)
 
 

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from marbench.files import atomic_write, sha256_file
+from marbench.files import atomic_write, cache_lock, sha256_file
 from marbench.method import MARMethod, MethodCard, PaperTable
 from marbench.physics.backends import default_cache_dir
 
@@ -257,13 +257,14 @@ def pretrained(datamodule, recipe: PretrainRecipe, log=print) -> tuple[dict, str
         ValueError: the training part lacks implant or clean patients, or serves stacks thinner than ``recipe.k``.
     """
     path = default_cache_dir() / "gsi-alignment" / f"{_cache_key(datamodule, recipe)}.pt"
-    if not path.is_file():
-        # the stage trains outside Lightning's loop, possibly under the evaluator's inference mode
-        with torch.inference_mode(False), torch.enable_grad():
-            vae, invariance = pretrain(_training_slices(datamodule, recipe.k), recipe, log)
-        buf = io.BytesIO()
-        torch.save({"vae": vae.state_dict(), "invariance": invariance.state_dict()}, buf)
-        atomic_write(path, buf.getvalue())
+    with cache_lock(path):  # concurrent grid workers (the seeds and Table 1 rows) pre-train it once
+        if not path.is_file():
+            # the stage trains outside Lightning's loop, possibly under the evaluator's inference mode
+            with torch.inference_mode(False), torch.enable_grad():
+                vae, invariance = pretrain(_training_slices(datamodule, recipe.k), recipe, log)
+            buf = io.BytesIO()
+            torch.save({"vae": vae.state_dict(), "invariance": invariance.state_dict()}, buf)
+            atomic_write(path, buf.getvalue())
     return torch.load(path, map_location="cpu", weights_only=True), sha256_file(path)
 
 

@@ -154,3 +154,28 @@ def test_irsde_sampling_batched_and_deterministic():
         one = sde.sample(mu[s:s + 1], noise_fn, cond={k: v[s:s + 1] for k, v in cond.items()},
                          generator=[torch.Generator().manual_seed(s)])
         assert torch.allclose(batched[s:s + 1], one, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [64, 8192])  # several blocks (the online softmax) and one
+def test_blocked_linear_attention_equals_the_plain_formula_and_its_gradients(block):
+    from marbench.methods.dudocrop.unet import LinearAttention
+
+    torch.manual_seed(0)
+    attn = LinearAttention(channels=4, heads=2, head_dim=8)
+    torch.nn.init.normal_(attn.to_out[0].bias)
+    attn.block = block
+    x = (3 * torch.randn(2, 4, 12, 20)).requires_grad_()  # 240 pixels: 4 blocks of 64, the last one short
+
+    def plain(x):  # the reference's formula on full-size q, k, v
+        b, _, h, w = x.shape
+        q, k, v = (z.reshape(b, 2, 8, h * w) for z in attn.to_qkv(x).chunk(3, dim=1))
+        ctx = torch.einsum("bhdn,bhen->bhde", k.softmax(dim=-1), v / (h * w))
+        out = torch.einsum("bhde,bhdn->bhen", ctx, q.softmax(dim=-2) * attn.scale)
+        return attn.to_out(out.reshape(b, -1, h, w))
+
+    got, want = attn(x), plain(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g_got = torch.autograd.grad(got.square().sum(), [x, attn.to_qkv.weight])
+    g_want = torch.autograd.grad(want.square().sum(), [x, attn.to_qkv.weight])
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
