@@ -37,12 +37,12 @@ Workers (``cpu_workers``, ``gpus``) take the jobs in grid-file order, except tha
 weights it takes (``weights_from``) and a row's further seeds wait for its first seed: the first job of a row builds
 the one-off cache entries its row needs (a stand-in backbone, a pre-training stage), which other workers would
 otherwise wait for (``marbench.files.cache_lock``). So a grid file lists the rows with the longest one-off work
-first. On the 2-core machine two single-thread workers finish the smoke grid in about 0.7 of the sequential wall
-time: much of the work (small networks on large images, the samplers' loops) is bound by memory and per-operation
-overhead, not arithmetic, so a second thread gains little where a second process doubles it. Records carry the
-thread count they ran with (``torch_threads`` in the manifest): CPU kernels sum in an order that follows it, so a
-trained row reproduces bit for bit under that count (``marbench verify`` sets it), and its last bits differ under
-another.
+first. On the 2-core machine two single-thread workers ran ``make bench`` in 69 minutes (one process: 109, on older
+code; README, "The grid"): much of the work (small networks on large images, the samplers' loops) is bound by memory
+and per-operation overhead, not arithmetic, so a second thread gains little where a second process doubles it.
+Records carry the thread count they ran with (``torch_threads`` in the manifest): CPU kernels sum in an order that
+follows it, so a trained row reproduces bit for bit under that count (``marbench verify`` sets it), and its last
+bits differ under another.
 
 Several grid files run as one (``marbench grid A B``): their jobs share the workers and each leaderboard is rebuilt
 once, at the end; the first grid's ``executor`` section applies.
@@ -512,17 +512,18 @@ def _submitit_executor(grid: Grid, executor: dict, name: str):
     return ex
 
 
-def _run_submitit(jobs: list[tuple[Grid, Job]], name: str, log) -> dict[str, dict]:
-    """One job array per grid (the first grid's resources: ``executor.slurm``), all submitted before waiting."""
+def _run_submitit(grids: list[Grid], jobs: list[tuple[Grid, Job]], settings: dict, name: str,
+                  log) -> dict[str, dict]:
+    """One job array per grid with pending jobs, each with the resources of ``settings`` (the first grid's
+    ``executor``), all submitted before waiting."""
     handles = []
-    grids = []
-    for g, _ in jobs:
-        if not any(g is other for other in grids):
-            grids.append(g)
     for grid in grids:
-        ex = _submitit_executor(grid, jobs[0][0].executor, name)
+        mine = [j for g, j in jobs if g is grid]
+        if not mine:
+            continue
+        ex = _submitit_executor(grid, settings, name)
         with ex.batch():
-            mine = [(j, ex.submit(GridTask(grid.path), j.id)) for g, j in jobs if g is grid]
+            mine = [(j, ex.submit(GridTask(grid.path), j.id)) for j in mine]
         log(f"submitted {len(mine)} jobs of {grid.path} through submitit ({name}): "
             f"{[h.job_id for _, h in mine][:8]}...")
         handles += mine
@@ -564,12 +565,13 @@ def _start_worker(slots, cwd: str, runner_pid: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != runner_pid:  # the runner died before the line above
             os._exit(1)
-    os.environ.update(slots.get())
+    slot = slots.get()
+    os.environ.update(slot)
     os.chdir(cwd)
-    if "OMP_NUM_THREADS" in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+    if "OMP_NUM_THREADS" in slot:  # a CPU slot
         import torch
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(int(slot["OMP_NUM_THREADS"]))
 
 
 def _worker_job(grid_file: str, job_id: str) -> dict:
@@ -680,7 +682,7 @@ def run_grid(grids: Grid | list[Grid], executor: str | None = None, *, force: bo
     elif name == "local":
         results.update({j.id: run_job(g, j, log=log) for g, j in pending})
     elif pending:
-        results.update(_run_submitit(pending, name, log))
+        results.update(_run_submitit(grids, pending, settings, name, log))
     results["simulate"] = {"seconds": {"total": data_s}}
     if leaderboard:
         t = time.perf_counter()
