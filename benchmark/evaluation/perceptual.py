@@ -331,6 +331,10 @@ class Backbones(nn.Module):
         self.lpips = LPIPSVGG(_pick_weights(self.REGISTRY["lpips"], weights))
         self.inception = InceptionFeatures(_pick_weights(self.REGISTRY["inception"], weights))
         self.radimagenet = RadImageNetFeatures(_pick_weights(self.REGISTRY["radimagenet"], weights))
+        # channels-last weights make oneDNN's convolutions write channels-last features: on one CPU thread a
+        # 256 x 256 slice took 1.16 times less time through VGG16 and 1.25 through InceptionV3 (the same features
+        # to 3e-6 relative); the protocols' cost on the CPU is these backbones
+        self.to(memory_format=torch.channels_last)
 
     def weights_sha256(self) -> dict[str, str]:
         """Registry name -> sha256 of the file used, or ``"random"``."""
