@@ -37,9 +37,10 @@ Workers (``cpu_workers``, ``gpus``) take the jobs in grid-file order, except tha
 weights it takes (``weights_from``) and a row's further seeds wait for its first seed: the first job of a row builds
 the one-off cache entries its row needs (a stand-in backbone, a pre-training stage), which other workers would
 otherwise wait for (``marbench.files.cache_lock``). So a grid file lists the rows with the longest one-off work
-first. On the 2-core machine two single-thread workers ran ``make bench`` in 69 minutes (one process: 109, on older
-code; README, "The grid"): much of the work (small networks on large images, the samplers' loops) is bound by memory
-and per-operation overhead, not arithmetic, so a second thread gains little where a second process doubles it.
+first. On the 2-core machine two single-thread workers run ``make bench`` far faster than one process of two
+threads (109 minutes on older code; the README's budget section has the measured table): much of the work (small
+networks on large images, the samplers' loops) is bound by memory and per-operation overhead, not arithmetic, so
+a second thread gains little where a second process doubles it.
 Records carry the thread count they ran with (``torch_threads`` in the manifest): CPU kernels sum in an order that
 follows it, so a trained row reproduces bit for bit under that count (``marbench verify`` sets it), and its last
 bits differ under another.
