@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,8 @@ class Row:
 
     name: str
     records: list[Record]
+    # per_seed's results by (metric, scope): a table asks for each several times (means, intervals, tests)
+    _per_seed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def seeds(self) -> list[int]:
@@ -72,11 +74,14 @@ class Row:
 
     def per_seed(self, metric: str, scope: str | None) -> list[pd.Series]:
         """Per training seed, the metric's slice values (NaN-free, indexed by ``slice_id``) in ``scope``."""
-        out = []
-        for r in sorted(self.records, key=lambda r: r.seed):
-            rows = [s for s in r.slices if scope is None or s["category"] == scope]
-            out.append(pd.Series({s["slice_id"]: s.get(metric) for s in rows}, dtype=float).dropna().sort_index())
-        return out
+        key = (metric, scope)
+        if key not in self._per_seed:
+            out = []
+            for r in sorted(self.records, key=lambda r: r.seed):
+                rows = [s for s in r.slices if scope is None or s["category"] == scope]
+                out.append(pd.Series({s["slice_id"]: s.get(metric) for s in rows}, dtype=float).dropna().sort_index())
+            self._per_seed[key] = out
+        return [v.copy() for v in self._per_seed[key]]
 
     def values(self, metric: str, scope: str | None = None) -> pd.Series:
         """The metric's slice values averaged over the training seeds (slices every seed has)."""

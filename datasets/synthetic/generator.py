@@ -81,8 +81,10 @@ PRESETS = {
     "tiny": SyntheticPreset("tiny", {"body": "aapm_body_128", "head": "aapm_head_128"}, cases_per_category=2,
                             sweep_slices=1, stacks=1, batch_size=4,
                             simulation=SimulationConfig(photons_per_ray=1.6e6)),
+    # smoke: 3 sweep base slices (27 sweep levels), not 4, for `make bench`'s one-hour CPU budget (issue #16):
+    # every row scored under perceptual-indicators runs the method and an LPIPS pass on each level
     "smoke": SyntheticPreset("smoke", {"body": "aapm_body_256", "head": "aapm_head_256"}, cases_per_category=20,
-                             sweep_slices=4, stacks=4, simulation=SimulationConfig(photons_per_ray=8e5)),
+                             sweep_slices=3, stacks=4, simulation=SimulationConfig(photons_per_ray=8e5)),
     "aapm": SyntheticPreset("aapm", {"body": "aapm_body", "head": "aapm_head"}, cases_per_category=100,
                             sweep_slices=20, stacks=10, simulation=SimulationConfig(photons_per_ray=2e5)),
 }

@@ -104,6 +104,52 @@ def test_pack_and_unpack_are_inverse_and_match_diffusers():
     assert torch.equal(unpack(tokens, 6, 8), z)
 
 
+def test_the_vae_convolves_images_in_2d_as_diffusers_does_in_3d_values_and_gradients():
+    """``image_convolutions`` against diffusers' own ``QwenImageCausalConv3d.forward`` (every temporal tap random,
+    not only the last): encoding, decoding and the weight gradients of a one-frame input agree to float rounding;
+    a two-frame video (its first frame alone, then the second with the first cached) agrees too; the state dict
+    keys are unchanged."""
+    import copy
+
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+
+    from marbench.methods.editor.backbone import ImageCausalConv3d
+
+    torch.manual_seed(0)
+    fast = build_backbone("tiny").vae.float().requires_grad_(True)
+    for m in fast.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            torch.nn.init.normal_(m.weight, std=0.1)  # the taps that meet the causal zeros are not zero here
+    reference = copy.deepcopy(fast)
+    n = 0
+    for m in reference.modules():
+        if type(m) is ImageCausalConv3d:
+            m.__class__ = QwenImageCausalConv3d
+            n += 1
+    assert n > 10 and not any(type(m) is QwenImageCausalConv3d for m in fast.modules())
+    assert list(fast.state_dict()) == list(reference.state_dict())
+    x = torch.rand(2, 3, 1, 32, 32) * 2 - 1
+    grads = []
+    for vae in (fast, reference):
+        vae.zero_grad()
+        z = vae.encode(x).latent_dist.mode()
+        y = vae.decode(z).sample
+        (y.square().mean() + z.square().mean()).backward()
+        # parameters a single frame never reaches (the temporal down- and up-sampling) have no gradient in either
+        grads.append((z.detach(), y.detach(), [None if p.grad is None else p.grad.clone() for p in vae.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
+    assert sum(g is not None for g in grads[0][2]) > 20
+    for g_fast, g_ref in zip(grads[0][2], grads[1][2], strict=True):
+        assert (g_fast is None) == (g_ref is None)
+        if g_fast is not None:
+            torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-3)
+    video = torch.rand(1, 3, 2, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(fast.encode(video).latent_dist.mode(), reference.encode(video).latent_dist.mode(),
+                                   atol=1e-5, rtol=1e-4)
+
+
 def test_the_sampler_follows_the_straight_path_to_the_target():
     """With the exact velocity of Eq. 5's straight path, ``v = (x - z) / sigma``, the Euler loop lands on ``z``
     for any step count: the sampler's sigmas, signs and the final sigma 0 agree with the training convention."""

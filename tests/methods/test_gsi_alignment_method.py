@@ -84,6 +84,38 @@ def test_the_alignment_stage_overfits_one_batch_through_lightning(fit_on_one_bat
     assert out.shape == batch["gt_image"].shape
 
 
+def test_the_alignment_stage_encodes_each_stack_once_and_its_loss_equals_direct_encoding(monkeypatch):
+    """The frozen-VAE latent cache of the alignment stage: the loss equals the one from encoding every batch (to
+    float rounding); a stack seen before is not encoded again, a changed stack is, and new pre-trained weights
+    empty the cache."""
+    slices = _slices(6)
+    model = _method()
+    batch = _batch(slices)
+    with torch.no_grad():
+        z_n = model.vae.encode(model._stack(batch, "ma_stack")).mode()
+        z_g = model.vae.encode(model._stack(batch, "gt_stack")).mode()
+        z_bar = model._align(z_n, batch)
+        pred = model.vae.decode(z_bar, "gsi")
+        direct = gsi_method.total_loss(pred, gsi_method.hu_to_unit(batch["gt_image"].float()), z_bar, z_g,
+                                       model.invariance.invariance_loss(z_n, z_bar), model.hparams.alpha,
+                                       model.hparams.beta).total
+    encoded = []
+    encode = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x: encoded.append(x.shape[0]) or encode(x))
+    with torch.no_grad():
+        first = model.alignment_loss(batch).total
+        again = model.alignment_loss(batch).total
+        torch.testing.assert_close(first, direct, atol=1e-6, rtol=1e-5)
+        assert torch.equal(first, again) and encoded == [6, 6]  # ma and gt stacks once each
+        half = {k: v[:3] for k, v in batch.items()}
+        model.alignment_loss({**half, "ma_stack": half["ma_stack"] + 1.0})
+        assert encoded == [6, 6, 3]  # three changed ma stacks; their gt stacks were seen
+    model.use_pretrained({"vae": model.vae.state_dict(), "invariance": model.invariance.state_dict()}, "again")
+    with torch.no_grad():
+        model.alignment_loss(batch)
+    assert encoded == [6, 6, 3, 6, 6]
+
+
 def test_implant_type_and_mask_reach_the_full_network_but_not_the_plain_one():
     batch = _batch(_slices(4))
     for variant, reaches in (("full", True), ("arvae-plain", False)):
