@@ -1,13 +1,16 @@
 """Speed and memory of the LoRA image editor (Emirdagi et al.): seconds per LoRA training step (Eq. 5, batch 1) and
 per sampled slice (one seed and the ens-10 of Eq. 4) for each conditioning, with the base model's forward (no
-adapter) as the reference in the same run, and peak memory.
+adapter) as the reference in the same run, and peak memory. Then the VAE: seconds to encode and to decode one image
+with the suite's 2D image convolutions (``backbone.image_convolutions``) against diffusers' causal 3D convolutions
+(the reference) in the same run, and the largest difference between their outputs.
 
 * ``--backbone standin`` (default): the smoke benchmark's stand-in architecture at 256 x 256 on this machine's CPU
   (random weights: the cost does not depend on them), peak resident memory of the process.
 * ``--backbone full --device cuda``: Qwen-Image-Edit-2511's transformer config (60 blocks, 24 x 128) with random
   weights in bf16 at 512 x 512, one LoRA training step (gradient checkpointing, rank 64) and one sampling step
-  (one transformer call), s/step and peak GPU memory (the paper trained on H100s). The VAE and the 7B instruction
-  encoder are not built: their latents and embeddings are random tensors of the real shapes.
+  (one transformer call), s/step and peak GPU memory (the paper trained on H100s). The transformer's inputs are
+  random tensors of the real shapes (the 7B instruction encoder is not built); the VAE table builds the release's
+  VAE config (base width 96) with random weights.
 
 Usage: ``python perf/editor_speed.py [--backbone standin|full] [--device cpu|cuda] [--size 256] [--repeats 3]
 [--layers 60]``.
@@ -128,6 +131,45 @@ def main() -> None:
     for layout, n, base, one, step, per_slice, ens10 in rows:
         print(f"| {layout} | {n} | {base:.3f} | {one:.3f} ({one / base:.2f}) | {step:.3f} ({step / base:.1f}) | "
               f"{per_slice:.2f} | {ens10:.2f} |")
+    vae_table(args.backbone, size, device, dtype, clock)
+
+
+def vae_table(backbone: str, size: int, device, dtype, clock) -> None:
+    """Encode and decode one ``size`` x ``size`` image with ``ImageCausalConv3d`` and with diffusers'
+    ``QwenImageCausalConv3d`` (the same weights), seconds each and their ratio."""
+    import copy
+
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+
+    from marbench.methods.editor.backbone import BACKBONES, ImageCausalConv3d, image_convolutions
+
+    spec = BACKBONES[backbone]["vae"]
+    torch.manual_seed(0)
+    fast = AutoencoderKLQwenImage(z_dim=16, attn_scales=[], temperal_downsample=[False, True, True],
+                                  base_dim=spec["base_dim"], dim_mult=list(spec["dim_mult"]),
+                                  num_res_blocks=spec["num_res_blocks"]).to(device, dtype).eval()
+    reference = copy.deepcopy(fast)
+    image_convolutions(fast)
+    for m in reference.modules():
+        if type(m) is ImageCausalConv3d:
+            m.__class__ = QwenImageCausalConv3d
+    x = torch.rand(1, 3, 1, size, size, device=device, dtype=dtype) * 2 - 1
+    timings = {}
+    with torch.no_grad():
+        z = fast.encode(x).latent_dist.mode()
+        for name, vae in (("2D", fast), ("3D", reference)):
+            timings[name] = (clock(lambda vae=vae: vae.encode(x)), clock(lambda vae=vae: vae.decode(z)))
+        diff = max(float((fast.encode(x).latent_dist.mode() - reference.encode(x).latent_dist.mode()).abs().max()),
+                   float((fast.decode(z).sample - reference.decode(z).sample).abs().max()))
+    (e2, d2), (e3, d3) = timings["2D"], timings["3D"]
+    print(f"\nVAE ({backbone}: base width {spec['base_dim']}) at {size} x {size}, one image, {dtype}, {device}; "
+          f"largest output difference {diff:.1e}")
+    print("| convolutions | encode s | decode s |")
+    print("|---|---:|---:|")
+    print(f"| diffusers' causal 3D (reference) | {e3:.3f} | {d3:.3f} |")
+    print(f"| 2D image convolutions | {e2:.3f} ({e3 / e2:.1f}x) | {d2:.3f} ({d3 / d2:.1f}x) |")
 
 
 if __name__ == "__main__":
