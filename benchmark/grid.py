@@ -448,7 +448,8 @@ def run_job(grid: Grid, job: Job, log=print) -> dict:
             log(f"{job.id}: discarding {last}, written under another job key")
             shutil.rmtree(ckpt_dir)
         if last.is_file():
-            resumed_from_epoch = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"])
+            # memory-mapped: the epoch is read without reading the weights and optimiser state
+            resumed_from_epoch = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"])
             log(f"{job.id}: resuming training from {last} (epoch {resumed_from_epoch})")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(owner, key)
@@ -583,15 +584,16 @@ def _worker_job(grid_file: str, job_id: str) -> dict:
 def _waits_for(jobs: list[tuple[Grid, Job]]) -> dict[str, set[str]]:
     """For each job, the jobs it must not run beside: the job whose weights it takes, and its row's first seed
     (which builds the row's one-off cache entries)."""
-    out = {}
+    out, firsts = {}, {}
     for grid, job in jobs:
+        if id(grid) not in firsts:
+            firsts[id(grid)] = {(j.config, j.dataset): j.id for j in grid.jobs() if j.example}
         after = set()
         source = grid.weights_source(job)
         if source is not None:
             after.add(source.id)
         if not job.example:
-            first = next(j for j in grid.jobs() if j.config == job.config and j.dataset == job.dataset and j.example)
-            after.add(first.id)
+            after.add(firsts[id(grid)][job.config, job.dataset])
         out[job.id] = after
     return out
 

@@ -72,16 +72,17 @@ class Row:
     def seeds(self) -> list[int]:
         return sorted(r.seed for r in self.records)
 
-    def per_seed(self, metric: str, scope: str | None) -> list[pd.Series]:
-        """Per training seed, the metric's slice values (NaN-free, indexed by ``slice_id``) in ``scope``."""
+    def per_seed(self, metric: str, scope: str | None) -> tuple[pd.Series, ...]:
+        """Per training seed, the metric's slice values (NaN-free, indexed by ``slice_id``) in ``scope``; the
+        row's own series, shared by every caller: read them, never modify them in place."""
         key = (metric, scope)
         if key not in self._per_seed:
             out = []
             for r in sorted(self.records, key=lambda r: r.seed):
                 rows = [s for s in r.slices if scope is None or s["category"] == scope]
                 out.append(pd.Series({s["slice_id"]: s.get(metric) for s in rows}, dtype=float).dropna().sort_index())
-            self._per_seed[key] = out
-        return [v.copy() for v in self._per_seed[key]]
+            self._per_seed[key] = tuple(out)
+        return self._per_seed[key]
 
     def values(self, metric: str, scope: str | None = None) -> pd.Series:
         """The metric's slice values averaged over the training seeds (slices every seed has)."""
@@ -256,8 +257,13 @@ def _bar_chart(numeric: pd.DataFrame, specs: list[dict], title: str, path: Path)
     plotted = [s for s in specs if s["level"] == "slice" and s.get("figure", True)]
     if not plotted:
         return
+    from matplotlib.ticker import MaxNLocator
+
     n = len(numeric.index)
-    fig, axes = plt.subplots(1, len(plotted), figsize=(4.2 * len(plotted), 0.9 + 0.32 * n), squeeze=False)
+    # each panel: its row names (about 0.075 in per character at 8 pt) beside a 2.8 in wide plot
+    label_in = 0.075 * max(len(str(name)) for name in numeric.index)
+    fig, axes = plt.subplots(1, len(plotted), figsize=((label_in + 2.8) * len(plotted), 0.9 + 0.32 * n),
+                             squeeze=False)
     for ax, spec in zip(axes[0], plotted, strict=True):
         m = spec["name"]
         order = numeric[m].sort_values(ascending=not spec["higher_is_better"]).index[::-1]
@@ -272,6 +278,7 @@ def _bar_chart(numeric: pd.DataFrame, specs: list[dict], title: str, path: Path)
         ax.set_xlim(lo - pad, hi + pad)
         unit = f" ({spec['unit']})" if spec["unit"] else ""
         ax.set_title(f"{m}{unit}, {'higher' if spec['higher_is_better'] else 'lower'} is better", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # wide tick labels (40000, 0.0025) must not overlap
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -49,7 +49,8 @@ from marbench.image_prior import telea_inpainting, threshold_metal_mask
 from marbench.method import MARMethod, MethodCard
 from marbench.physics import CTPhysics
 
-__all__ = ["fourier_rotation_basis", "OSCNetwork", "OSCNet", "OSCNetPlus", "oscnet_loss"]
+__all__ = ["fourier_rotation_basis", "OSCNetwork", "OSCNet", "OSCNetPlus", "oscnet_loss", "rotation_conv",
+           "rotation_conv_transpose"]
 
 
 def fourier_rotation_basis(size: int = 9, rotations: int = 8, frequencies: int = 5,
@@ -130,7 +131,7 @@ class _OrientationSharedFilter(nn.Module):
     def forward(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature maps ``(B, num_M*num_rot, H, W)`` -> artifact ``(B, 1, H, W)`` and the filter."""
         c = self.filter()
-        return F.conv2d(m, c, padding=self.padding) + self.c, c
+        return rotation_conv(m, c, self.padding) + self.c, c
 
 
 class _WeightNet(nn.Module):
@@ -169,19 +170,39 @@ class _AdaptiveOrientationSharedFilter(nn.Module):
         """Feature maps ``(B, C, H, W)``, current image and input ``(B, 1, H, W)`` -> artifact ``(B, 1, H, W)`` and
         the per-image filters ``(B, C, sizeP, sizeP)``."""
         c = _filters_from_coefficients(self.Basis, self.wnet(x, xma))
-        return _grouped_conv(m, c / self.cdiv, self.padding) + self.c, c
+        return rotation_conv(m, c / self.cdiv, self.padding) + self.c, c
 
 
-def _grouped_conv(m: torch.Tensor, c: torch.Tensor, padding: int) -> torch.Tensor:
-    """Each image's ``(C, H, W)`` maps convolved with its own ``(C, s, s)`` filter -> ``(B, 1, H, W)``."""
+def rotation_conv(m: torch.Tensor, c: torch.Tensor, padding: int) -> torch.Tensor:
+    """The artifact layer ``A = C (*) M``: feature maps ``(B, C, H, W)`` convolved with rotation-shared filters
+    ``c``, ``(1, C, s, s)`` (OSCNet: one filter) or ``(B, C, s, s)`` (OSCNet+: one per image), summed over the
+    channels -> ``(B, 1, H, W)``; the official ``F.conv2d(M, C)`` (per image for OSCNet+).
+
+    Computed as one depthwise convolution over the ``B * C`` maps and a channel sum: oneDNN's convolutions with a
+    single output channel (and grouped by image) are slow on the CPU. On one thread, ``B = 4`` images of
+    256 x 256 and ``C = 32``: 0.27 s -> 0.09 s for OSCNet+'s per-image filters, 0.21 -> 0.08 s for OSCNet's;
+    equal to float rounding (relative 1e-5).
+    """
     b, ch, h, w = m.shape
-    return F.conv2d(m.reshape(1, b * ch, h, w), c, padding=padding, groups=b).reshape(b, 1, h, w)
+    s = c.shape[-1]
+    k = c.expand(b, ch, s, s).reshape(b * ch, 1, s, s)
+    out = F.conv2d(m.reshape(1, b * ch, h, w), k, padding=padding, groups=b * ch)
+    return out.reshape(b, ch, h, w).sum(1, keepdim=True)
 
 
-def _grouped_conv_transpose(a: torch.Tensor, c: torch.Tensor, padding: int) -> torch.Tensor:
-    """Adjoint of ``_grouped_conv``: ``(B, 1, H, W)`` -> ``(B, C, H, W)``."""
+def rotation_conv_transpose(a: torch.Tensor, c: torch.Tensor, padding: int) -> torch.Tensor:
+    """Adjoint of ``rotation_conv``: ``(B, 1, H, W)`` -> ``(B, C, H, W)``; the official
+    ``F.conv_transpose2d(A, C)`` (per image for OSCNet+).
+
+    Computed as a convolution of each image with its spatially flipped filters (one group per image, ``C``
+    outputs each): oneDNN's transposed convolutions of one input channel, grouped by image, took 0.79-1.07 s for
+    ``B = 4`` images of 256 x 256 and ``C = 32`` on one CPU thread, this 0.05 s (0.23 s for OSCNet's shared
+    filter); equal to float rounding.
+    """
     b, _, h, w = a.shape
-    return F.conv_transpose2d(a.reshape(1, b, h, w), c, padding=padding, groups=b).reshape(b, -1, h, w)
+    ch, s = c.shape[1], c.shape[-1]
+    k = c.expand(b, ch, s, s).flip(-1, -2).reshape(b * ch, 1, s, s)
+    return F.conv2d(a.reshape(1, b, h, w), k, padding=s - 1 - padding, groups=b).reshape(b, ch, h, w)
 
 
 def _resblocks(channels: int, count: int) -> nn.Sequential:
@@ -258,7 +279,7 @@ class OSCNetwork(nn.Module):
         xq = self.proxNet_X_0(torch.cat((xli, F.conv2d(xli, self.C_q, padding=1)), dim=1))
         x0, q = xq[:, :1], xq[:, 1:]
         a_hat = F.relu(mask * (xma - x0) - self.tau)
-        m = self.proxNet_M_S[0](F.conv_transpose2d(a_hat, self.C0 / 10, padding=pad))
+        m = self.proxNet_M_S[0](rotation_conv_transpose(a_hat, self.C0 / 10, pad))
         a, c = self._artifact(m, x0, xma)
         x_mid = (1 - self.etaX_S[0] * mask / 10) * x0 + self.etaX_S[0] * mask / 10 * (xma - a)
         xq = self.proxNet_X_S[0](torch.cat((x_mid, q), dim=1))
@@ -266,12 +287,9 @@ class OSCNetwork(nn.Module):
         list_x, list_a = [x], [a]
         for i in range(self.S - 1):
             residual = mask * a - mask * (xma - x)
-            if self.plus:
-                grad = _grouped_conv_transpose(residual, c / self.fcnn.cdiv, pad)
-            else:
-                grad = F.conv_transpose2d(residual, c, padding=pad)
-            m = self.proxNet_M_S[i + 1](m - self.etaM_S[i] / 10 * grad)
-            a = _grouped_conv(m, c / self.fcnn.cdiv, pad) if self.plus else F.conv2d(m, c, padding=pad)
+            cs = c / self.fcnn.cdiv if self.plus else c
+            m = self.proxNet_M_S[i + 1](m - self.etaM_S[i] / 10 * rotation_conv_transpose(residual, cs, pad))
+            a = rotation_conv(m, cs, pad)
             list_a.append(a)
             x_mid = (1 - self.etaX_S[i + 1] * mask / 10) * x + self.etaX_S[i + 1] * mask / 10 * (xma - a)
             xq = self.proxNet_X_S[i + 1](torch.cat((x_mid, q), dim=1))

@@ -141,20 +141,17 @@ def vae_table(backbone: str, size: int, device, dtype, clock) -> None:
 
     import torch
     from diffusers import AutoencoderKLQwenImage
-    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
-    from marbench.methods.editor.backbone import BACKBONES, ImageCausalConv3d, image_convolutions
+    from marbench.methods.editor.backbone import BACKBONES, image_convolutions
 
     spec = BACKBONES[backbone]["vae"]
     torch.manual_seed(0)
     fast = AutoencoderKLQwenImage(z_dim=16, attn_scales=[], temperal_downsample=[False, True, True],
                                   base_dim=spec["base_dim"], dim_mult=list(spec["dim_mult"]),
                                   num_res_blocks=spec["num_res_blocks"]).to(device, dtype).eval()
-    reference = copy.deepcopy(fast)
     image_convolutions(fast)
-    for m in reference.modules():
-        if type(m) is ImageCausalConv3d:
-            m.__class__ = QwenImageCausalConv3d
+    reference = copy.deepcopy(fast)
+    image_convolutions(reference, enabled=False)
     x = torch.rand(1, 3, 1, size, size, device=device, dtype=dtype) * 2 - 1
     timings = {}
     with torch.no_grad():

@@ -13,8 +13,6 @@ channels, mean over space. FID-Rad: layer4 globally average-pooled to 2048-d, th
 """
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from unittest import mock
 
 import numpy as np
@@ -23,42 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
+from marbench.content_cache import ContentCache
+
 from .weights import resolve
 
 __all__ = ["RadImageNetFeatures", "InceptionFeatures", "lpips_rad", "layer4_distance", "LPIPSVGG", "LPIPSAlex",
            "lpips_alex", "frechet_distance",
-           "frechet_distance_of_features", "perceptual_indicator", "Backbones", "backbones", "ReferenceFeatureCache"]
-
-
-class ReferenceFeatureCache:
-    """Backbone features of reference (metal-free) images, kept in this process by the image's content.
-
-    The references are the same for every row of a grid, and so are their features: a grid run in one process
-    computes them once instead of once per row (the perceptual protocols' cost on the CPU is the backbones).
-    Features are computed one slice at a time, whether cached or not, so that a value never depends on what ran
-    before it. At most ``max_items`` slices are kept (least recently used dropped).
-    """
-
-    def __init__(self, max_items: int = 96):
-        self.max_items = max_items
-        self._items: OrderedDict[tuple, object] = OrderedDict()
-
-    def __call__(self, fn, x: torch.Tensor) -> list:
-        """``[fn(x[i:i + 1]) for i in range(B)]``, each from the cache when the slice was seen with ``fn``."""
-        out = []
-        for i in range(x.shape[0]):
-            xi = x[i:i + 1]
-            digest = hashlib.sha256(xi.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
-            key = (id(fn.__self__) if hasattr(fn, "__self__") else id(fn), fn.__name__, tuple(xi.shape),
-                   str(xi.device), digest)
-            if key in self._items:
-                self._items.move_to_end(key)
-            else:
-                self._items[key] = fn(xi)
-                if len(self._items) > self.max_items:
-                    self._items.popitem(last=False)
-            out.append(self._items[key])
-        return out
+           "frechet_distance_of_features", "perceptual_indicator", "Backbones", "backbones"]
 
 
 class RadImageNetFeatures(nn.Module):
@@ -103,8 +72,8 @@ class RadImageNetFeatures(nn.Module):
         return self.layer4(x).mean(dim=(2, 3))
 
     def reference_layer4(self, x: torch.Tensor) -> torch.Tensor:
-        """``layer4`` of reference images, from this process's ``ReferenceFeatureCache``."""
-        return torch.cat(_REFERENCES(self.layer4, x))
+        """``layer4`` of reference images, from this process's cache of reference features (``_references``)."""
+        return torch.cat(_references(self.layer4, x))
 
 
 class InceptionFeatures(nn.Module):
@@ -198,11 +167,11 @@ class LPIPSVGG(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """LPIPS per slice ``(B,)``: ``lpips.LPIPS.forward`` (v0.1, linear heads, spatial mean), with the target's
-        features from this process's ``ReferenceFeatureCache``."""
+        features from this process's cache of reference features (``_references``)."""
         from lpips.lpips import spatial_average
 
         fp = self.normalized_features(pred)
-        ft = [torch.cat(layer) for layer in zip(*_REFERENCES(self.normalized_features, target), strict=True)]
+        ft = [torch.cat(layer) for layer in zip(*_references(self.normalized_features, target), strict=True)]
         val = sum(spatial_average(self.model.lins[k]((fp[k] - ft[k]) ** 2), keepdim=True) for k in range(len(fp)))
         return val.flatten()
 
@@ -263,7 +232,19 @@ def lpips_alex(weights: str = "auto") -> LPIPSAlex:
     return _LPIPS_ALEX[weights]
 
 
-_REFERENCES = ReferenceFeatureCache()
+_REFERENCES = ContentCache(max_items=96)
+
+
+def _references(fn, x: torch.Tensor) -> list:
+    """``[fn(x[i:i + 1]) for i in range(B)]`` for reference (metal-free) images ``(B, 1, H, W)``, each from this
+    process's cache when the slice was seen with ``fn``.
+
+    The references are the same for every row of a grid, and so are their features: a grid worker computes them
+    once instead of once per row (the perceptual protocols' cost on the CPU is the backbones). Features are
+    computed one slice at a time, cached or not, so that a value never depends on what ran before it.
+    """
+    return _REFERENCES(x, lambda xs: [fn(xs[i:i + 1]) for i in range(xs.shape[0])],
+                       namespace=(id(getattr(fn, "__self__", fn)), fn.__name__, str(x.device)))
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

@@ -227,14 +227,14 @@ class EditorBackbone(nn.Module):
         """
         import numpy as np
         from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
         if steps < 2:
             raise ValueError(f"sampling needs at least 2 steps, found {steps}")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
         cfg = self.scheduler_config
-        seq = noise.shape[1]
-        slope = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
-        mu = seq * slope + cfg["base_shift"] - slope * cfg["base_image_seq_len"]
+        mu = calculate_shift(noise.shape[1], cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"],
+                             cfg["max_shift"])  # the Edit pipelines' resolution-dependent shift
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu, device=noise.device)
         x = noise
         for t in scheduler.timesteps:
@@ -262,10 +262,11 @@ class ImageCausalConv3d(QwenImageCausalConv3d):
         return super().forward(x, cache_x)
 
 
-def image_convolutions(vae: nn.Module) -> int:
+def image_convolutions(vae: nn.Module, enabled: bool = True) -> int:
     """Turn the causal 3D convolutions of an ``AutoencoderKLQwenImage`` into ``ImageCausalConv3d`` (in place), so
     that images (one-frame videos) go through 2D convolutions; returns how many were changed. Weights, state dict
-    and outputs are unchanged, to float rounding.
+    and outputs are unchanged, to float rounding. ``enabled=False`` turns them back into diffusers'
+    ``QwenImageCausalConv3d`` (the reference that the tests and ``perf/editor_speed.py`` compare against).
 
     Why: the VAE encodes an image as a one-frame video, and each causal convolution pads it with
     ``kernel_size[0] - 1`` zero frames before convolving, so a 3 x 3 x 3 kernel spends two thirds of its arithmetic
@@ -273,10 +274,12 @@ def image_convolutions(vae: nn.Module) -> int:
     0.156 to 0.049 s and decoding from 0.336 to 0.077 s; the LoRA editor pays them for every training pair,
     condition image and ensemble member. Videos (more than one frame) and cached frames keep diffusers' forward.
     """
+    source, target = (QwenImageCausalConv3d, ImageCausalConv3d) if enabled else (ImageCausalConv3d,
+                                                                                    QwenImageCausalConv3d)
     changed = 0
     for m in vae.modules():
-        if type(m) is QwenImageCausalConv3d:
-            m.__class__ = ImageCausalConv3d
+        if type(m) is source:
+            m.__class__ = target
             changed += 1
     return changed
 

@@ -58,12 +58,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from marbench.content_cache import ContentCache
 from marbench.files import atomic_write, cache_lock, sha256_file
 from marbench.method import MARMethod, MethodCard, PaperTable
 from marbench.physics.backends import default_cache_dir
@@ -378,7 +378,7 @@ class GSIAlignment(MARMethod):
         self.vae.requires_grad_(False)
         self.invariance.requires_grad_(False)
         self._pretrain_digest = "not pre-trained"
-        self._latents: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._latents = ContentCache(_LATENT_CACHE_ITEMS)
 
     @classmethod
     def contract_instance(cls) -> "GSIAlignment":
@@ -423,22 +423,11 @@ class GSIAlignment(MARMethod):
         Why: the alignment stage sees the same training stacks every epoch and the VAE does not change, yet it
         encoded both (``z_n``, ``z_g``) at every step: a smoke training step (batch 4, one thread) took 0.81 s with
         them and 0.71 s from the cache. The key is the sha256 of the stack's bytes, so an augmenting datamodule gets
-        fresh latents; at most ``_LATENT_CACHE_ITEMS`` are kept (least recently used dropped), on the CPU.
+        fresh latents; at most ``_LATENT_CACHE_ITEMS`` are kept (``marbench.content_cache``), on the CPU.
         ``use_pretrained`` empties it.
         """
-        keys = [hashlib.sha256(s.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest() for s in stacks]
-        missing = sorted({i for i, key in enumerate(keys) if key not in self._latents})
-        if missing:
-            z = self.vae.encode(stacks[missing]).mode()
-            for i, zi in zip(missing, z, strict=True):
-                self._latents[keys[i]] = zi.detach().cpu()
-        out = []
-        for key in keys:
-            self._latents.move_to_end(key)
-            out.append(self._latents[key])
-        while len(self._latents) > _LATENT_CACHE_ITEMS:
-            self._latents.popitem(last=False)
-        return torch.stack(out).to(stacks.device)
+        latents = self._latents(stacks, lambda xs: self.vae.encode(xs).mode().detach().cpu(), "vae.encode.mode")
+        return torch.stack(latents).to(stacks.device)
 
     def _align(self, z_n: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.network.plain:

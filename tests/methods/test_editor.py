@@ -113,7 +113,7 @@ def test_the_vae_convolves_images_in_2d_as_diffusers_does_in_3d_values_and_gradi
 
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
-    from marbench.methods.editor.backbone import ImageCausalConv3d
+    from marbench.methods.editor.backbone import image_convolutions
 
     torch.manual_seed(0)
     fast = build_backbone("tiny").vae.float().requires_grad_(True)
@@ -121,11 +121,7 @@ def test_the_vae_convolves_images_in_2d_as_diffusers_does_in_3d_values_and_gradi
         if isinstance(m, torch.nn.Conv3d):
             torch.nn.init.normal_(m.weight, std=0.1)  # the taps that meet the causal zeros are not zero here
     reference = copy.deepcopy(fast)
-    n = 0
-    for m in reference.modules():
-        if type(m) is ImageCausalConv3d:
-            m.__class__ = QwenImageCausalConv3d
-            n += 1
+    n = image_convolutions(reference, enabled=False)
     assert n > 10 and not any(type(m) is QwenImageCausalConv3d for m in fast.modules())
     assert list(fast.state_dict()) == list(reference.state_dict())
     x = torch.rand(2, 3, 1, 32, 32) * 2 - 1

@@ -1,0 +1,38 @@
+"""``marbench.content_cache.ContentCache``: values by content, per namespace, least recently used dropped."""
+import pytest
+import torch
+
+from marbench.content_cache import ContentCache
+
+
+def test_values_are_kept_by_content_namespace_shape_and_dtype_and_the_least_recently_used_go_first():
+    cache, calls = ContentCache(max_items=3), []
+
+    def compute(xs):
+        calls.append(xs.clone())
+        return [float(x.sum()) for x in xs]
+
+    a, b, c, d = (torch.full((2, 2), float(v)) for v in (1, 2, 3, 4))
+    assert cache(torch.stack([a, b, a]), compute, "sum") == [4.0, 8.0, 4.0]
+    assert len(calls) == 1 and torch.equal(calls[0], torch.stack([a, b]))  # each distinct item computed once
+    assert cache(torch.stack([b, a]), compute, "sum") == [8.0, 4.0] and len(calls) == 1
+    cache(a[None], compute, "other")  # another namespace: computed again
+    cache(a.double()[None], compute, "sum")  # same values, other dtype: another item; b, used least recently, goes
+    assert len(calls) == 3 and len(cache) == 3
+    cache(b[None], compute, "sum")
+    assert len(calls) == 4  # and a ("sum") went
+    cache(torch.stack([c, d]), compute, "sum")  # a ("other") and a in double go
+    assert len(cache) == 3 and len(calls) == 5
+    assert cache(b[None], compute, "sum") == [8.0] and len(calls) == 5
+    cache(a.double()[None], compute, "sum")
+    cache(a[None], compute, "sum")
+    assert len(calls) == 7
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_a_compute_that_returns_another_number_of_values_is_refused():
+    with pytest.raises(ValueError, match="compute returned 1 values for 2 items"):
+        ContentCache(4)(torch.arange(2.0)[:, None], lambda xs: [0.0], "broken")
+    with pytest.raises(ValueError, match="at least one item"):
+        ContentCache(0)
