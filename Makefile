@@ -50,6 +50,7 @@ perf: $(STAMP)
 	$(VENV)/bin/python perf/dudocrop_inference.py
 	$(VENV)/bin/python perf/editor_speed.py
 	$(VENV)/bin/python perf/oscnet_speed.py
+	$(VENV)/bin/python perf/backbone_convolutions.py
 
 data: $(STAMP)
 	$(VENV)/bin/marbench simulate --preset smoke --out data/smoke
