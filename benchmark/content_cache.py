@@ -32,6 +32,8 @@ class ContentCache:
     ([2.0, 4.0, 2.0], [2])
     >>> [float(v) for v in cache(x[:2], double, "double")], seen, len(cache)
     ([2.0, 4.0], [2], 2)
+    >>> [float(v) for v in cache(torch.tensor([3.0, 1.0]), double, "scalars")], seen
+    ([6.0, 2.0], [2, 2])
 
     Raises:
         ValueError: ``max_items < 1``; ``compute`` returned another number of values than items it was given.
@@ -53,7 +55,8 @@ class ContentCache:
     @staticmethod
     def key(item: torch.Tensor, namespace: Hashable = ()) -> tuple:
         """The key of one item: namespace, shape, dtype and the sha256 of its bytes."""
-        data = item.detach().contiguous().cpu()
+        # flat first: a 0-d item (one scalar of a (B,) batch) has no last dimension to view as bytes
+        data = item.detach().reshape(-1).contiguous().cpu()
         digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()  # any dtype, bfloat16 too
         return namespace, tuple(item.shape), str(item.dtype), digest
 
@@ -62,7 +65,11 @@ class ContentCache:
         from one call ``compute(x[missing])``, which returns one value per item it is given (each distinct item
         once)."""
         keys = [self.key(item, namespace) for item in x]
-        missing = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in self._items}.values())
+        missing, seen = [], set()
+        for i, key in enumerate(keys):  # the first index of each distinct item not cached
+            if key not in self._items and key not in seen:
+                seen.add(key)
+                missing.append(i)
         if missing:
             values = list(compute(x[missing]))
             if len(values) != len(missing):

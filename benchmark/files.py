@@ -62,6 +62,17 @@ def cache_lock(path: str | os.PathLike):
         yield
 
 
+def split_cache_key(root: str | os.PathLike, split_sha256: str, **settings) -> str:
+    """The name (32 hex digits) of a one-off cache file computed from one benchmark split, such as a segmenter
+    or a pre-trained network: the sha256 of the data (its ``manifest.json``'s sha256, or the resolved ``root``
+    without one), the split file's sha256 and the ``settings`` (JSON with sorted keys; other objects as ``str``).
+    """
+    manifest = Path(root) / "manifest.json"
+    data = sha256_file(manifest) if manifest.is_file() else str(Path(root).resolve())
+    key = json.dumps({"data": data, "split": split_sha256, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MB blocks."""
     h = hashlib.sha256()

@@ -85,7 +85,8 @@ class Row:
         return self._per_seed[key]
 
     def values(self, metric: str, scope: str | None = None) -> pd.Series:
-        """The metric's slice values averaged over the training seeds (slices every seed has)."""
+        """The metric's slice values averaged over the training seeds (slices every seed has). For a one-seed row
+        this is the row's own series (``per_seed``): read it, never modify it in place."""
         seeds = self.per_seed(metric, scope)
         return pd.concat(seeds, axis=1, join="inner").mean(axis=1) if len(seeds) > 1 else seeds[0]
 

@@ -50,7 +50,7 @@ from marbench.method import MARMethod, MethodCard
 from marbench.physics import CTPhysics
 
 __all__ = ["fourier_rotation_basis", "OSCNetwork", "OSCNet", "OSCNetPlus", "oscnet_loss", "rotation_conv",
-           "rotation_conv_transpose"]
+           "rotation_conv_transpose", "official_rotation_conv", "official_rotation_conv_transpose"]
 
 
 def fourier_rotation_basis(size: int = 9, rotations: int = 8, frequencies: int = 5,
@@ -203,6 +203,26 @@ def rotation_conv_transpose(a: torch.Tensor, c: torch.Tensor, padding: int) -> t
     ch, s = c.shape[1], c.shape[-1]
     k = c.expand(b, ch, s, s).flip(-1, -2).reshape(b * ch, 1, s, s)
     return F.conv2d(a.reshape(1, b, h, w), k, padding=s - 1 - padding, groups=b).reshape(b, ch, h, w)
+
+
+def official_rotation_conv(m: torch.Tensor, c: torch.Tensor, padding: int) -> torch.Tensor:
+    """``rotation_conv`` as the official OSCNet / OSCNet+ code computes it, the reference that the tests and
+    ``perf/oscnet_speed.py`` compare with: ``F.conv2d(M, C)`` with one filter ``(1, C, s, s)``, grouped by image
+    for per-image filters ``(B, C, s, s)``; ``(B, C, H, W)`` -> ``(B, 1, H, W)``."""
+    b, ch, h, w = m.shape
+    if c.shape[0] == 1:
+        return F.conv2d(m, c, padding=padding)
+    return F.conv2d(m.reshape(1, b * ch, h, w), c, padding=padding, groups=b).reshape(b, 1, h, w)
+
+
+def official_rotation_conv_transpose(a: torch.Tensor, c: torch.Tensor, padding: int) -> torch.Tensor:
+    """``rotation_conv_transpose`` as the official code computes it (the reference of the tests and the perf
+    script): ``F.conv_transpose2d(A, C)``, grouped by image for per-image filters; ``(B, 1, H, W)`` ->
+    ``(B, C, H, W)``."""
+    b, _, h, w = a.shape
+    if c.shape[0] == 1:
+        return F.conv_transpose2d(a, c, padding=padding)
+    return F.conv_transpose2d(a.reshape(1, b, h, w), c, padding=padding, groups=b).reshape(b, -1, h, w)
 
 
 def _resblocks(channels: int, count: int) -> nn.Sequential:

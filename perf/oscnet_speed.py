@@ -13,24 +13,6 @@ import argparse
 import time
 
 
-def official_conv(m, c, padding):
-    import torch.nn.functional as F
-
-    b, ch, h, w = m.shape
-    if c.shape[0] == 1:
-        return F.conv2d(m, c, padding=padding)
-    return F.conv2d(m.reshape(1, b * ch, h, w), c, padding=padding, groups=b).reshape(b, 1, h, w)
-
-
-def official_conv_transpose(a, c, padding):
-    import torch.nn.functional as F
-
-    b, _, h, w = a.shape
-    if c.shape[0] == 1:
-        return F.conv_transpose2d(a, c, padding=padding)
-    return F.conv_transpose2d(a.reshape(1, b, h, w), c, padding=padding, groups=b).reshape(b, -1, h, w)
-
-
 def clock(fn, repeats: int) -> float:
     fn()
     t = time.perf_counter()
@@ -58,8 +40,9 @@ def main() -> None:
         a = torch.randn(b, 1, side, side, generator=g)
         for filters in ("one", "per image"):
             c = torch.randn(1 if filters == "one" else b, 32, 9, 9, generator=g)
-            for op, ref, ours, x in (("A = C (*) M", official_conv, oscnet.rotation_conv, m),
-                                     ("adjoint", official_conv_transpose, oscnet.rotation_conv_transpose, a)):
+            for op, ref, ours, x in (
+                    ("A = C (*) M", oscnet.official_rotation_conv, oscnet.rotation_conv, m),
+                    ("adjoint", oscnet.official_rotation_conv_transpose, oscnet.rotation_conv_transpose, a)):
                 for backward in (False, True):
                     def run(fn, x=x, c=c, backward=backward):
                         xi = x.detach().requires_grad_(backward)
@@ -78,7 +61,7 @@ def main() -> None:
     xma = torch.rand(4, 1, 256, 256, generator=g) * 255
     xli, mask = xma.clamp(max=200), (torch.rand(4, 1, 256, 256, generator=g) > 0.01).float()
     outputs, seconds = {}, {}
-    for name, conv, conv_t in (("official", official_conv, official_conv_transpose),
+    for name, conv, conv_t in (("official", oscnet.official_rotation_conv, oscnet.official_rotation_conv_transpose),
                                ("ours", oscnet.rotation_conv, oscnet.rotation_conv_transpose)):
         saved = oscnet.rotation_conv, oscnet.rotation_conv_transpose
         oscnet.rotation_conv, oscnet.rotation_conv_transpose = conv, conv_t

@@ -31,6 +31,18 @@ def test_values_are_kept_by_content_namespace_shape_and_dtype_and_the_least_rece
     assert len(cache) == 0
 
 
+def test_items_of_a_one_dimensional_batch_are_scalars_and_are_kept_too():
+    cache, calls = ContentCache(max_items=4), []
+
+    def compute(xs):
+        calls.append(xs.clone())
+        return [2 * float(x) for x in xs]
+
+    assert cache(torch.tensor([3.0, 1.0, 3.0]), compute, "double") == [6.0, 2.0, 6.0]
+    assert cache(torch.tensor([1.0]), compute, "double") == [2.0]
+    assert len(calls) == 1 and torch.equal(calls[0], torch.tensor([3.0, 1.0]))
+
+
 def test_a_compute_that_returns_another_number_of_values_is_refused():
     with pytest.raises(ValueError, match="compute returned 1 values for 2 items"):
         ContentCache(4)(torch.arange(2.0)[:, None], lambda xs: [0.0], "broken")

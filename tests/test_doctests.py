@@ -8,6 +8,7 @@ MODULES = [
     "marbench.registry",
     "marbench.networks",
     "marbench.converters",
+    "marbench.content_cache",
     "marbench.physics.ctphysics",
     "marbench.physics.geometry",
     "marbench.physics.fbp",

@@ -30,7 +30,7 @@ ABLATION_ROWS = {"sscd_joint", "sscd_sinonet", "sscd_sinonet_fbpcons",
 # rows, with three seeds, are in the smoke grid)
 ARTIFACTGSI_SINGLE_SEED_ROWS = {"gsi_alignment_2d_vae_plain", "gsi_alignment_arvae_plain",
                                 "gsi_alignment_arvae_plain_loss", "gsi_alignment_arvae_alunet",
-                                "unet", "oscnet", "oscnet_plus"}
+                                "unet", "oscnet", "oscnet_plus", "adn"}
 # a small U-Net trained for a few epochs of two batches: long enough to be killed mid-training
 UNET_ROW = """
 model:

@@ -15,9 +15,7 @@ segmenter's ceiling).
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from torchmetrics.functional.segmentation import mean_iou
 
 from marbench.converters import window
 from marbench.datasets.artifactgsi import LABEL_NAMES, UNLABELLED
-from marbench.files import atomic_write, cache_lock, sha256_file
+from marbench.files import atomic_write, cache_lock, sha256_file, split_cache_key
 from marbench.networks import UNet
 from marbench.physics.backends import default_cache_dir
 
@@ -139,14 +137,11 @@ their defaults, so the tissue segmenter's key (and the records carrying its sha2
 
 
 def _cache_key(datamodule, recipe: SegmentationRecipe) -> str:
-    manifest = Path(datamodule.root) / "manifest.json"
-    data = sha256_file(manifest) if manifest.is_file() else str(datamodule.root)
     settings = asdict(recipe)
     for f in fields(recipe):
         if f.name in _KEYED_ONLY_WHEN_SET and getattr(recipe, f.name) == f.default:
             del settings[f.name]
-    key = json.dumps({"data": data, "split": datamodule.split_sha256, "recipe": settings}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+    return split_cache_key(datamodule.root, datamodule.split_sha256, recipe=settings)
 
 
 _LOADED: dict[tuple, tuple[torch.nn.Module, str]] = {}

@@ -177,8 +177,9 @@ def fuse_priors(image_prior_mu: torch.Tensor, sinogram_prior_image_mu: torch.Ten
 
 
 def data_fidelity_priors(projector: Projector, ma_sinogram: torch.Tensor, sde_sinogram: torch.Tensor,
-                         metal_mask: torch.Tensor, sde_image: torch.Tensor,
-                         filter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         metal_mask: torch.Tensor, sde_image: torch.Tensor, filter_name: str | None = None,
+                         image_range: tuple[float, float] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 10-12 on one geometry: ``Y_p``, ``X'_p = FBP(Y_p)`` and ``X_p = Norm_{X'_p}(sde_image)``.
 
     Args:
@@ -188,12 +189,17 @@ def data_fidelity_priors(projector: Projector, ma_sinogram: torch.Tensor, sde_si
         metal_mask: bool ``(B, 1, N, N)`` metal mask on the image grid.
         sde_image: ``(B, 1, N, N)`` image IR-SDE output (any scale).
         filter_name: FBP kernel (``None``: the geometry's default).
+        image_range: ``(low, high)`` in mm^-1: ``X'_p`` is clipped to it, as images are when normalised to
+            the image networks' [0, 1] (Sec. IV.A); ``None`` keeps the FBP's values. Eq. 11 takes the minimum
+            and maximum of ``X'_p``: unclipped, a few pixels of the metal's leftover streaks set them.
     Returns:
         ``(Y_p (B, 1, V, C), X'_p (B, 1, N, N) in mm^-1, X_p (B, 1, N, N) in mm^-1)``.
     Raises:
         ValueError: a sinogram not on the projector's sinogram grid, a mask or image not on its image grid,
-            mismatching batches.
+            mismatching batches, ``image_range`` with ``low >= high``.
     """
+    if image_range is not None and not image_range[0] < image_range[1]:
+        raise ValueError(f"data_fidelity_priors: image_range must be (low, high) with low < high, found {image_range}")
     geometry = projector.geometry
     check_sinogram(ma_sinogram, geometry.sinogram_shape, "ma_sinogram")
     check_sinogram(sde_sinogram, geometry.sinogram_shape, "sde_sinogram")
@@ -204,4 +210,6 @@ def data_fidelity_priors(projector: Projector, ma_sinogram: torch.Tensor, sde_si
                          f"found {metal_mask.shape[0]} and {sde_image.shape[0]}")
     y_p = sinogram_prior(ma_sinogram, sde_sinogram, trace)
     x_p_prime = projector.fbp(y_p, filter_name)
+    if image_range is not None:
+        x_p_prime = x_p_prime.clamp(*image_range)
     return y_p, x_p_prime, image_prior(sde_image.to(x_p_prime.dtype), x_p_prime)

@@ -55,16 +55,13 @@ Departures and readings (beside those of ``vae``, ``alunet`` and ``losses``):
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 
 from marbench.content_cache import ContentCache
-from marbench.files import atomic_write, cache_lock, sha256_file
+from marbench.files import atomic_write, cache_lock, sha256_file, split_cache_key
 from marbench.method import MARMethod, MethodCard, PaperTable
 from marbench.physics.backends import default_cache_dir
 
@@ -252,11 +249,7 @@ def pretrain(slices: dict[str, torch.Tensor], recipe: PretrainRecipe,
 
 
 def _cache_key(datamodule, recipe: PretrainRecipe) -> str:
-    manifest = Path(datamodule.root) / "manifest.json"
-    data = sha256_file(manifest) if manifest.is_file() else str(Path(datamodule.root).resolve())
-    key = json.dumps({"data": data, "split": datamodule.split_sha256, "recipe": asdict(recipe),
-                      "version": _VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+    return split_cache_key(datamodule.root, datamodule.split_sha256, recipe=asdict(recipe), version=_VERSION)
 
 
 def pretrained(datamodule, recipe: PretrainRecipe, log=print) -> tuple[dict, str]:

@@ -126,6 +126,28 @@ def test_reverse_step_with_true_noise_is_close_to_the_optimum():
     assert true_loss < 0.05 * zero_loss  # Euler step with the true score vs Eq. 8: only discretisation error
 
 
+def test_x0_loss_is_the_posterior_steps_eq9_divided_by_its_coefficient():
+    sde = IRSDE(T=4)
+    x0, mu, g = _states(4)
+    gbar = _np_cosine_gbar(4, 0.005)
+    for step in range(1, 5):
+        t = torch.full((2,), step)
+        xt = sde.sample_xt(x0, mu, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)  # an imperfect network's prediction
+        x0_hat = sde.predicted_x0(xt, mu, noise, t)
+        # Eq. 8's mean at the estimate (the posterior sampler's step) against Eq. 8 at the truth
+        step_error = (sde.optimal_reverse_state(xt, x0_hat, mu, t) - sde.optimal_reverse_state(xt, x0, mu, t)).abs()
+        g_step = gbar[step] - gbar[step - 1]
+        b_t = (1 - math.exp(-2 * g_step)) / (1 - math.exp(-2 * gbar[step])) * math.exp(-gbar[step - 1])
+        loss = sde.loss(noise, xt, x0, mu, t, kind="x0")
+        assert math.isclose(float(loss), float(step_error.mean()) / b_t, rel_tol=1e-9)
+        assert math.isclose(float(loss), float((x0_hat - x0).abs().mean()), rel_tol=1e-12)
+        true = sde.true_noise(xt, x0, mu, t)
+        assert float(sde.loss(true, xt, x0, mu, t, kind="x0")) < 1e-9
+    with pytest.raises(ValueError, match="unknown kind 'l2'"):
+        sde.loss(noise, xt, x0, mu, t, kind="l2")
+
+
 # -- Eq. 9 ------------------------------------------------------------------------------------------------------------
 class _TinyNoiseNet(nn.Module):
     def __init__(self, T: int, width: int = 16):
@@ -301,6 +323,14 @@ def test_data_fidelity_priors_with_suite_physics(projector):
     torch.testing.assert_close(x_p_prime, projector.fbp(y_p), rtol=0, atol=0)
     for b in range(2):
         assert x_p[b].min() == x_p_prime[b].min() and x_p[b].max() == x_p_prime[b].max()
+    # X'_p clipped to the image networks' range: Eq. 11's minimum and maximum come from the clipped image
+    low, high = float(x_p_prime.quantile(0.1)), float(x_p_prime.quantile(0.9))
+    _, clipped, x_p = data_fidelity_priors(projector, ma, sde_sino, mask, sde_image, image_range=(low, high))
+    torch.testing.assert_close(clipped, x_p_prime.clamp(low, high), rtol=0, atol=0)
+    for b in range(2):
+        assert x_p[b].min() == clipped[b].min() and x_p[b].max() == clipped[b].max()
+    with pytest.raises(ValueError, match="low < high"):
+        data_fidelity_priors(projector, ma, sde_sino, mask, sde_image, image_range=(high, low))
 
 
 def test_minmax_norm_eq11():

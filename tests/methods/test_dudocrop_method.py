@@ -150,6 +150,27 @@ def test_untrained_rows_return_their_input_and_sampling_is_batch_invariant(tiny_
     assert torch.allclose(together, alone, atol=1e-2, rtol=0)
 
 
+def test_the_network_predicts_the_clean_state_minus_mu_and_sinogram_crops_sit_on_the_trace():
+    model = _perturbed(_tiny(output="sinogram", image_embedding=False, control_embedding=False))
+    g = torch.Generator().manual_seed(0)
+    xt, mu = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    t = torch.tensor([1, 2])
+    with torch.no_grad():
+        r = model.nets["sinogram"](xt, mu, t)
+        x0_hat = model.sde.predicted_x0(xt, mu, model.noise("sinogram", xt, mu, t), t)
+    assert r.abs().max() > 1e-3
+    torch.testing.assert_close(x0_hat, mu + r, rtol=0, atol=1e-4)  # float32 through exp(gbar_t) and back
+    # every crop of a slice with a metal trace is centred on one of its pixels
+    trace = torch.zeros(2, 1, 80, 90, dtype=torch.bool)
+    trace[0, 0, 40, 20:70] = True
+    trace[1, 0, 30:50, 45] = True
+    marked = trace.float()
+    for _ in range(5):
+        crops, _ = model._crop(marked, marked, rotate=False, focus=trace)
+        c = model.hparams.crop
+        assert crops.shape == (2, 1, c, c) and bool((crops[:, 0, c // 2, c // 2] == 1).all())
+
+
 def test_bad_input_is_named(tiny_batch, tmp_path):
     _, batch = tiny_batch
     with pytest.raises(ValueError, match="unknown output 'sinogram-only'"):

@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from marbench.converters import hu_to_oscnet
 from marbench.files import sha256_file
@@ -13,6 +12,8 @@ from marbench.methods.oscnet import (
     OSCNetPlus,
     OSCNetwork,
     fourier_rotation_basis,
+    official_rotation_conv,
+    official_rotation_conv_transpose,
     oscnet_loss,
     rotation_conv,
     rotation_conv_transpose,
@@ -116,16 +117,11 @@ def test_oscnet_overfits_one_batch(cls, tiny_batch, fit_on_one_batch):
 
 @pytest.mark.parametrize("per_image", [False, True])
 def test_rotation_convolutions_are_the_official_convolutions_and_adjoint(per_image):
-    # the official ops: F.conv2d / F.conv_transpose2d with one filter (OSCNet), grouped by image (OSCNet+)
     g = torch.Generator().manual_seed(0)
     b, ch, s, pad = 3, 8, 9, 4
     m, a = torch.randn(b, ch, 20, 17, generator=g), torch.randn(b, 1, 20, 17, generator=g)
     c = torch.randn(b if per_image else 1, ch, s, s, generator=g)
-    if per_image:
-        ref = F.conv2d(m.reshape(1, b * ch, 20, 17), c, padding=pad, groups=b).reshape(b, 1, 20, 17)
-        ref_t = F.conv_transpose2d(a.reshape(1, b, 20, 17), c, padding=pad, groups=b).reshape(b, ch, 20, 17)
-    else:
-        ref, ref_t = F.conv2d(m, c, padding=pad), F.conv_transpose2d(a, c, padding=pad)
+    ref, ref_t = official_rotation_conv(m, c, pad), official_rotation_conv_transpose(a, c, pad)
     torch.testing.assert_close(rotation_conv(m, c, pad), ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(rotation_conv_transpose(a, c, pad), ref_t, rtol=1e-5, atol=1e-4)
     lhs = (rotation_conv(m.double(), c.double(), pad) * a.double()).sum()
