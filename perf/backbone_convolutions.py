@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
+
+from timing import seconds_per_call
 
 
 def nnpack_convolutions(module):
@@ -62,14 +63,6 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 1, 256, 256, generator=g)
 
-    def clock(fn):
-        with torch.no_grad():
-            out = fn()
-            t = time.perf_counter()
-            for _ in range(args.repeats):
-                fn()
-        return (time.perf_counter() - t) / args.repeats, out
-
     def flat(out):
         return torch.cat([o.flatten() for o in out]) if isinstance(out, (list, tuple)) else out.flatten()
 
@@ -82,9 +75,9 @@ def main() -> None:
                         ("RadImageNet ResNet50 (layer4)", lambda: ours.radimagenet.layer4(x),
                          lambda: nnp.radimagenet.layer4(x)),
                         ("InceptionV3 (pool3)", lambda: ours.inception(x), lambda: nnp.inception(x))):
-        ta, oa = clock(a)
-        tb, ob = clock(b)
-        fa, fb = flat(oa), flat(ob)
+        with torch.no_grad():
+            ta, tb = seconds_per_call(a, args.repeats), seconds_per_call(b, args.repeats)
+            fa, fb = flat(a()), flat(b())
         rel = float((fa - fb).abs().max() / fa.abs().max())
         print(f"| {label} | {ta:.3f} | {tb:.3f} | {ta / tb:.2f} | {rel:.1e} |")
     with torch.no_grad():

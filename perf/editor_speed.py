@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
+
+from timing import seconds_per_call
 
 
 def main() -> None:
@@ -61,17 +62,9 @@ def main() -> None:
     transformer = backbone.transformer.requires_grad_(False)
     text_dim = transformer.config.joint_attention_dim
 
-    def clock(fn, repeats=args.repeats):
-        fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / repeats
+    def clock(fn, repeats=args.repeats):  # peak GPU memory counts the timed calls only
+        return seconds_per_call(fn, repeats, device,
+                                torch.cuda.reset_peak_memory_stats if device.type == "cuda" else None)
 
     side = size // 16
     tokens = side * side

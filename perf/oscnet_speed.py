@@ -10,15 +10,8 @@ Usage: ``python perf/oscnet_speed.py [--threads 1] [--repeats 5]``.
 from __future__ import annotations
 
 import argparse
-import time
 
-
-def clock(fn, repeats: int) -> float:
-    fn()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
+from timing import seconds_per_call
 
 
 def main() -> None:
@@ -51,8 +44,8 @@ def main() -> None:
                         if backward:
                             out.square().sum().backward()
                     with torch.set_grad_enabled(backward):
-                        t_ref = clock(lambda fn=ref, run=run: run(fn), args.repeats)
-                        t_ours = clock(lambda fn=ours, run=run: run(fn), args.repeats)
+                        t_ref = seconds_per_call(lambda fn=ref, run=run: run(fn), args.repeats)
+                        t_ours = seconds_per_call(lambda fn=ours, run=run: run(fn), args.repeats)
                     print(f"| {op} | {filters} | {b} x {side}^2 | {'fwd+bwd' if backward else 'fwd'} | "
                           f"{t_ref:.4f} | {t_ours:.4f} | {t_ref / t_ours:.1f} |")
 
@@ -67,7 +60,7 @@ def main() -> None:
         oscnet.rotation_conv, oscnet.rotation_conv_transpose = conv, conv_t
         try:
             with torch.no_grad():
-                seconds[name] = clock(lambda: net(xma, xli, mask), max(1, args.repeats // 2))
+                seconds[name] = seconds_per_call(lambda: net(xma, xli, mask), max(1, args.repeats // 2))
                 outputs[name] = net(xma, xli, mask)[1][-1]
         finally:
             oscnet.rotation_conv, oscnet.rotation_conv_transpose = saved
