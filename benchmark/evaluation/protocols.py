@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.ndimage import binary_fill_holes
 
+from marbench.content_cache import ContentCache
 from marbench.converters import hu_to_mu, window
 from marbench.datasets.sweeps import metal_objects
 from marbench.registry import Registry
@@ -297,10 +298,15 @@ class AAPMClinical(Protocol):
         if self.reference_dir is not None:
             return [clinical.reference_case(self.reference_dir, clinical.case_key(sid)) for sid in batch["slice_id"]]
         n = batch["gt_image"].shape[-1]
-        return [clinical.synthetic_case(batch["gt_image"][i, 0].cpu().numpy(), batch["ma_image"][i, 0].cpu().numpy(),
-                                        batch["metal_mask"][i, 0].cpu().numpy(),
-                                        batch["tissue_labels"][i, 0].cpu().numpy(), float(batch["fov_mm"][i]) / n)
-                for i in range(batch["gt_image"].shape[0])]
+
+        def build(inputs) -> list[clinical.ClinicalCase]:
+            gt, ma, metal, labels, fov_mm = (t.cpu().clone() for t in inputs)  # no view of a batch is kept
+            return [clinical.synthetic_case(gt[i, 0].numpy(), ma[i, 0].numpy(), metal[i, 0].numpy(),
+                                            labels[i, 0].numpy(), float(fov_mm[i]) / n) for i in range(len(gt))]
+
+        # a slice's case is a function of its reference data alone, the same for every row a grid worker scores
+        return _SYNTHETIC_CASES(tuple(batch[k] for k in ("gt_image", "ma_image", "metal_mask", "tissue_labels",
+                                                         "fov_mm")), build, namespace="synthetic_case")
 
     def score(self, pred_hu, batch):
         rows = []
@@ -321,6 +327,10 @@ class AAPMClinical(Protocol):
             d["rois"] = "AAPM CT-MAR scoring pickles (1_data_dicts)"
             d["reference_sha256"] = clinical.load_reference(str(self.reference_dir))[3]
         return d
+
+
+_SYNTHETIC_CASES = ContentCache(max_items=64)
+"""``clinical.synthetic_case`` of the slices seen in this process (the smoke test split has 30; 72 ms each)."""
 
 
 @dataclass(frozen=True)

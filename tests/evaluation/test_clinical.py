@@ -268,3 +268,24 @@ def test_challenge_score_combines_as_score_py():
     frame = pd.DataFrame({s: [k, k + 2.0] for k, s in enumerate(clinical.SCORES)})  # metric k: mean k + 1
     assert get_protocol("aapm-clinical").set_metrics(frame, {}, {}) == {"challenge_score": pytest.approx(4.5)}
 
+
+
+def test_synthetic_cases_are_built_once_per_slice_and_rebuilt_for_changed_reference_data(monkeypatch):
+    built = []
+    real = clinical.synthetic_case
+    monkeypatch.setattr(clinical, "synthetic_case", lambda *a: built.append(a) or real(*a))
+    batch = _synthetic_batch()
+    batch["gt_image"] = batch["gt_image"] + 0.125  # a slice no other test scored in this process
+    p = get_protocol("aapm-clinical")
+    first = {k: float(v) for k, v in p.score(batch["ma_image"], batch).items()}
+    (case,) = p.cases(batch)
+    assert len(built) == 1
+    fresh = real(*built[0])
+    assert all(np.array_equal(getattr(case, f), getattr(fresh, f)) for f in ("reference", "external", "noise_roi",
+                                                                             "streak_roi", "target"))
+    assert {k: float(v) for k, v in p.score(batch["ma_image"], batch).items()} == first and len(built) == 1
+    for key, change in (("metal_mask", lambda m: m.roll(3, -1)), ("fov_mm", lambda f: f * 2),
+                        ("tissue_labels", lambda t: torch.where(t == 4, 3, t))):
+        p.cases({**batch, key: change(batch[key])})
+    assert len(built) == 4  # each a new case
+    assert float(p.cases({**batch, "fov_mm": batch["fov_mm"] * 2})[0].voxel_mm) == pytest.approx(2 * case.voxel_mm)
