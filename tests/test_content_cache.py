@@ -43,6 +43,23 @@ def test_items_of_a_one_dimensional_batch_are_scalars_and_are_kept_too():
     assert len(calls) == 1 and torch.equal(calls[0], torch.tensor([3.0, 1.0]))
 
 
+def test_an_item_of_several_batches_is_keyed_by_every_part_and_computed_from_the_missing_ones():
+    cache, calls = ContentCache(max_items=8), []
+
+    def compute(parts):
+        images, scale = parts
+        calls.append(len(images))
+        return [float(i.sum()) * float(s) for i, s in zip(images, scale, strict=True)]
+
+    images, scale = torch.ones(3, 1, 2, 2), torch.tensor([1.0, 2.0, 1.0])
+    assert cache((images, scale), compute, "scaled") == [4.0, 8.0, 4.0] and calls == [2]  # items 0 and 2 alike
+    # the same image with another scale, and another image with a scale seen before: both new items
+    assert cache((torch.stack([images[0], 2 * images[0]]), torch.tensor([3.0, 1.0])), compute, "scaled") == [12.0, 8.0]
+    assert calls == [2, 2] and cache((images, scale), compute, "scaled") == [4.0, 8.0, 4.0] and calls == [2, 2]
+    with pytest.raises(ValueError, match=r"as many items each, found \[3, 2\]"):
+        cache((images, scale[:2]), compute, "scaled")
+
+
 def test_a_compute_that_returns_another_number_of_values_is_refused():
     with pytest.raises(ValueError, match="compute returned 1 values for 2 items"):
         ContentCache(4)(torch.arange(2.0)[:, None], lambda xs: [0.0], "broken")

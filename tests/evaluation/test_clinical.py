@@ -269,7 +269,6 @@ def test_challenge_score_combines_as_score_py():
     assert get_protocol("aapm-clinical").set_metrics(frame, {}, {}) == {"challenge_score": pytest.approx(4.5)}
 
 
-
 def test_synthetic_cases_are_built_once_per_slice_and_rebuilt_for_changed_reference_data(monkeypatch):
     built = []
     real = clinical.synthetic_case
